@@ -1,0 +1,30 @@
+"""qwen3vl: a self-contained implementation of the Qwen3-VL vision-language model family.
+
+Public names (imported lazily so that, e.g., the processor works without building a model):
+    Qwen3VL      the model (``from_pretrained``, ``from_config``, ``forward``, ``generate``)
+    Processor    messages -> model inputs (images, videos, tokenizer, chat template)
+    LLM          the generation engine (batching, streaming, chat)
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Qwen3VL": ("qwen3vl.model.qwen3vl", "Qwen3VL"),
+    "Qwen3VLConfig": ("qwen3vl.config", "Qwen3VLConfig"),
+    "Processor": ("qwen3vl.processor", "Processor"),
+    "LLM": ("qwen3vl.engine.llm", "LLM"),
+}
+
+__all__ = list(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qwen3vl' has no attribute {name!r}")
