@@ -1,0 +1,1 @@
+"""Generation engine: sampling, stopping, batching and the request loop."""

@@ -1,0 +1,401 @@
+"""Next-token sampling for a decode batch whose rows each carry their own settings.
+
+``SamplingParams`` holds one request's settings. ``SamplingState`` holds the per-row tensors of a decode batch; it
+is built once whenever the batch composition changes (``new`` / ``select`` / ``concat``) and carries the per-row
+token counts that the penalties need. ``Sampler`` turns a batch of next-token logits into next token ids.
+
+Logits are processed in the order Hugging Face ``generate`` uses with ``do_sample=True``, so that every setting
+means the same thing as there:
+
+    repetition penalty -> presence / frequency penalty -> min_new_tokens masking
+    -> temperature -> top-k -> top-p -> min-p -> softmax -> draw
+
+Greedy rows (``do_sample=False`` or ``temperature == 0``) stop after the masking step and take the argmax, as HF
+greedy search does (its penalties and min-length masking also apply without sampling).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# <|im_end|> and <|endoftext|>: the eos_token_id list of the Qwen3-VL checkpoints' generation_config.json.
+DEFAULT_STOP_TOKEN_IDS = (151645, 151643)
+
+# generation_config.json key -> SamplingParams field.
+_CONFIG_KEYS = {
+    "do_sample": "do_sample",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
+    "eos_token_id": "stop_token_ids",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name} {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping settings of one request.
+
+    ``top_k`` 0 (or -1, stored as 0), ``top_p`` 1, ``min_p`` 0, ``repetition_penalty`` 1 and presence / frequency
+    penalty 0 disable the corresponding step. ``repetition_penalty`` follows HF (over prompt and generated tokens,
+    positive logits divided, negative ones multiplied); ``presence_penalty`` / ``frequency_penalty`` follow OpenAI /
+    vLLM (over generated tokens only: ``logit -= presence * (count > 0) + frequency * count``). ``stop`` accepts a
+    string or a sequence of strings; ``stop_token_ids`` an int or a sequence of ints.
+    """
+
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_new_tokens: int = 1024
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = DEFAULT_STOP_TOKEN_IDS
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise in place (the dataclass is frozen) so equal settings compare and hash equal.
+        stop_ids = self.stop_token_ids
+        object.__setattr__(self, "stop_token_ids", (stop_ids,) if _is_int(stop_ids) else tuple(stop_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        self._validate()
+
+    def _validate(self) -> None:
+        _require(isinstance(self.do_sample, bool), "do_sample", "must be a bool", self.do_sample)
+        _require(_is_real(self.temperature) and self.temperature >= 0, "temperature",
+                 "must be >= 0 (0 means greedy)", self.temperature)
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an int >= 1, or 0 / -1 to disable",
+                 self.top_k)
+        _require(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        _require(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
+        _require(_is_real(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+                 "must be > 0 (1 disables it)", self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_real(value) and -2 <= value <= 2, name, "must be in [-2, 2]", value)
+        _require(self.seed is None or _is_int(self.seed), "seed", "must be an int or None", self.seed)
+        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "must be an int >= 1",
+                 self.max_new_tokens)
+        _require(_is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+                 "min_new_tokens", f"must be an int in [0, max_new_tokens={self.max_new_tokens}]",
+                 self.min_new_tokens)
+        _require(all(_is_int(i) and i >= 0 for i in self.stop_token_ids), "stop_token_ids",
+                 "must be non-negative ints", self.stop_token_ids)
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
+
+    @classmethod
+    def from_generation_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> SamplingParams:
+        """Defaults from a ``generation_config.json`` dict, then per-call ``overrides`` (field names).
+
+        Keys used from ``config``: do_sample, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens,
+        min_new_tokens and eos_token_id (int or list, becomes ``stop_token_ids``); other keys are ignored. Null
+        values, in the config or as overrides, keep the default, so optional request fields can be passed through.
+        """
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        config = config or {}
+        values = {name: config[key] for key, name in _CONFIG_KEYS.items() if config.get(key) is not None}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def _penalty_needs(params: Sequence[SamplingParams]) -> tuple[bool, bool]:
+    """(needs a prompt-token mask, needs generated-token counts) for a batch of rows."""
+    repetition = any(p.repetition_penalty != 1 for p in params)
+    counted = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params)
+    return repetition, repetition or counted
+
+
+def _prompt_mask(prompt_ids: Sequence[Sequence[int] | Tensor], vocab_size: int, device: torch.device) -> Tensor:
+    ids = [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in prompt_ids]
+    lengths = torch.tensor([len(x) for x in ids])
+    rows = torch.repeat_interleave(torch.arange(len(ids)), lengths).to(device)  # (sum L,)
+    flat = torch.cat(ids).to(device)  # (sum L,)
+    # Ids past the logits' vocabulary (a larger embedding table) can never be sampled, so need no penalty.
+    keep = flat < vocab_size
+    mask = torch.zeros(len(ids), vocab_size, dtype=torch.bool, device=device)  # (B, V)
+    mask[rows[keep], flat[keep]] = True
+    return mask
+
+
+def _stop_id_mask(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> Tensor:
+    mask = torch.zeros(len(params), vocab_size, dtype=torch.bool)  # (B, V)
+    for row, p in enumerate(params):
+        mask[row, [i for i in p.stop_token_ids if i < vocab_size]] = True
+    return mask.to(device)
+
+
+@dataclass
+class _WarpParams:
+    """Per-row warper settings of the sampled rows; a field is None when no row uses that step."""
+
+    temperature: Tensor | None  # (S,) float32
+    top_k: Tensor | None  # (S,) int64 in [1, V]; V where disabled
+    top_p_cut: Tensor | None  # (S,) float32 `1 - top_p`; -1 where disabled, which removes nothing
+    min_p: Tensor | None  # (S,) float32
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> _WarpParams:
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        use_top_k = any(p.top_k > 0 for p in params)
+        use_top_p = any(p.top_p < 1 for p in params)
+        # `1 - top_p` is formed in double precision before rounding to float32, exactly as HF's comparison does.
+        return cls(
+            temperature=column([p.temperature for p in params]) if any(p.temperature != 1 for p in params) else None,
+            top_k=column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.long)
+            if use_top_k or use_top_p else None,
+            top_p_cut=column([1 - p.top_p if p.top_p < 1 else -1.0 for p in params]) if use_top_p else None,
+            min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+        )
+
+
+class SamplingState:
+    """Per-row sampling tensors and token counts of one decode batch (row i = the i-th request).
+
+    Create with ``new`` for freshly prefilled requests; when the batch composition changes, use ``select`` (drop /
+    reorder rows) and ``concat`` (append other states), which carry each row's counts and random generator along so
+    a request samples the same way whatever batch it is in. ``Sampler.__call__`` advances the state by one token.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                 num_generated: Tensor, prompt_mask: Tensor | None, output_counts: Tensor | None, vocab_size: int):
+        self.params = list(params)
+        self.generators = list(generators)
+        self.vocab_size = vocab_size
+        self.device = num_generated.device
+        self.num_generated = num_generated  # (B,) int64, tokens generated so far
+        self.prompt_mask = prompt_mask  # (B, V) bool, token occurs in the prompt; None without repetition penalty
+        self.output_counts = output_counts  # (B, V) int32, generated-token counts; None without any penalty
+        self._build_row_tensors()
+
+    def _build_row_tensors(self) -> None:
+        params, device = self.params, self.device
+
+        def column(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        self.rows = torch.arange(len(params), device=device)  # (B,)
+        self.repetition_penalty = column("repetition_penalty") if self.prompt_mask is not None else None  # (B,)
+        counted = any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params)
+        self.presence_penalty = column("presence_penalty") if counted else None  # (B,)
+        self.frequency_penalty = column("frequency_penalty") if counted else None  # (B,)
+        use_min_new = any(p.min_new_tokens > 0 for p in params)
+        self.min_new_tokens = column("min_new_tokens", torch.long) if use_min_new else None  # (B,)
+        self.stop_mask = _stop_id_mask(params, self.vocab_size, device) if use_min_new else None  # (B, V) bool
+
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        self.all_sampled = len(sampled) == len(params)
+        self.sample_rows = torch.tensor(sampled, dtype=torch.long, device=device)  # (S,)
+        self.greedy_rows = torch.tensor([i for i, p in enumerate(params) if p.greedy], dtype=torch.long,
+                                        device=device)  # (B - S,)
+        self.warp = _WarpParams.build([params[i] for i in sampled], self.vocab_size, device)
+        # (position among the sampled rows, generator) of the rows that have a seed.
+        self.seeded = [(j, self.generators[i]) for j, i in enumerate(sampled) if self.generators[i] is not None]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @classmethod
+    def new(cls, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int] | Tensor], vocab_size: int,
+            device: torch.device | str = "cpu") -> SamplingState:
+        """State for requests that have generated nothing yet; ``prompt_ids[i]`` is row i's full prompt."""
+        if len(params) != len(prompt_ids):
+            raise ValueError(f"got {len(params)} SamplingParams but {len(prompt_ids)} prompts")
+        device = torch.device(device)
+        batch = len(params)
+        need_mask, need_counts = _penalty_needs(params)
+        generators = [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed)
+                      for p in params]
+        return cls(
+            params, generators,
+            num_generated=torch.zeros(batch, dtype=torch.long, device=device),
+            prompt_mask=_prompt_mask(prompt_ids, vocab_size, device) if need_mask else None,
+            output_counts=torch.zeros(batch, vocab_size, dtype=torch.int32, device=device) if need_counts else None,
+            vocab_size=vocab_size,
+        )
+
+    def select(self, rows: Sequence[int] | Tensor) -> SamplingState:
+        """A state holding only ``rows`` of this one, in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        params = [self.params[i] for i in index.tolist()]
+        need_mask, need_counts = _penalty_needs(params)
+        index = index.to(self.device)
+        return SamplingState(
+            params, [self.generators[i] for i in index.tolist()],
+            num_generated=self.num_generated[index],
+            prompt_mask=self.prompt_mask[index] if need_mask else None,
+            output_counts=self.output_counts[index] if need_counts else None,
+            vocab_size=self.vocab_size,
+        )
+
+    @classmethod
+    def concat(cls, states: Sequence[SamplingState]) -> SamplingState:
+        """The rows of ``states`` stacked in order (all on one device, with one vocabulary size)."""
+        if not states:
+            raise ValueError("concat needs at least one state")
+        vocab_size, device = states[0].vocab_size, states[0].device
+        if any(s.vocab_size != vocab_size or s.device != device for s in states):
+            raise ValueError("cannot concat sampling states with different vocab sizes or devices")
+        params = [p for s in states for p in s.params]
+        need_mask, need_counts = _penalty_needs(params)
+
+        def stack(name: str, dtype: torch.dtype, needed: bool) -> Tensor | None:
+            # A part without the tensor has no row that uses it, so zeros stand in for its rows.
+            if not needed:
+                return None
+            parts = [getattr(s, name) for s in states]
+            return torch.cat([x if x is not None else torch.zeros(len(s), vocab_size, dtype=dtype, device=device)
+                              for x, s in zip(parts, states)])
+
+        return cls(
+            params, [g for s in states for g in s.generators],
+            num_generated=torch.cat([s.num_generated for s in states]),
+            prompt_mask=stack("prompt_mask", torch.bool, need_mask),
+            output_counts=stack("output_counts", torch.int32, need_counts),
+            vocab_size=vocab_size,
+        )
+
+    def advance(self, next_ids: Tensor) -> None:
+        """Record one generated token per row; ``next_ids`` (B,)."""
+        self.num_generated += 1
+        if self.output_counts is not None:
+            self.output_counts[self.rows, next_ids.to(self.device)] += 1
+
+
+def apply_penalties(logits: Tensor, state: SamplingState) -> Tensor:
+    """Repetition, presence and frequency penalties, then min_new_tokens masking of stop ids; (B, V) float32.
+
+    Rows whose penalty is neutral come out bit-identical (multiplying or dividing by 1, subtracting 0).
+    """
+    out = logits.float()  # (B, V)
+    counts = state.output_counts  # (B, V) int32 or None
+    if counts is not None:
+        generated = counts > 0  # (B, V)
+        if state.repetition_penalty is not None:
+            penalty = state.repetition_penalty[:, None]  # (B, 1)
+            penalized = torch.where(out < 0, out * penalty, out / penalty)
+            out = torch.where(state.prompt_mask | generated, penalized, out)
+        if state.presence_penalty is not None:
+            out = out - state.frequency_penalty[:, None] * counts - state.presence_penalty[:, None] * generated
+    if state.stop_mask is not None:
+        blocked = state.stop_mask & (state.num_generated < state.min_new_tokens)[:, None]  # (B, V)
+        out = out.masked_fill(blocked, -math.inf)
+    return out
+
+
+def warp_logits(logits: Tensor, warp: _WarpParams) -> Tensor:
+    """Temperature, top-k, top-p and min-p on the rows ``warp`` describes; (S, V) -> (S, V), removed = -inf."""
+    if warp.temperature is not None:
+        logits = logits / warp.temperature[:, None]
+    if warp.top_k is not None:
+        logits = _top_k_top_p(logits, warp.top_k, warp.top_p_cut)
+    if warp.min_p is not None:
+        probs = logits.softmax(dim=-1)  # (S, V)
+        # Relative to the most likely token, which itself always survives since min_p <= 1.
+        threshold = warp.min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # (S, 1)
+        logits = logits.masked_fill(probs < threshold, -math.inf)
+    return logits
+
+
+def _top_k_top_p(logits: Tensor, top_k: Tensor, top_p_cut: Tensor | None) -> Tensor:
+    """Top-k then top-p with one ascending sort, matching HF's TopK and TopP warpers applied one after the other."""
+    sorted_logits, order = logits.sort(dim=-1)  # (S, V) ascending
+    vocab_size = logits.shape[-1]
+    kth_largest = sorted_logits.gather(1, (vocab_size - top_k)[:, None])  # (S, 1)
+    remove = sorted_logits < kth_largest  # (S, V); ties with the k-th value are kept, as in HF
+    if top_p_cut is not None:
+        # HF sorts the top-k-masked logits; masking the smallest entries of this sort gives the same sequence.
+        cumulative = sorted_logits.masked_fill(remove, -math.inf).softmax(dim=-1).cumsum(dim=-1)  # (S, V)
+        drop = cumulative <= top_p_cut[:, None]
+        drop[:, -1] = False  # the most likely token always stays
+        remove |= drop
+    remove = remove.scatter(1, order, remove)  # back to vocabulary order
+    return logits.masked_fill(remove, -math.inf)
+
+
+def _draw(probs: Tensor, seeded: Sequence[tuple[int, torch.Generator]]) -> Tensor:
+    """One id per row of ``probs`` (S, V) by the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d.
+
+    picks i with probability p_i, like torch.multinomial, while letting each seeded row draw its noise from its
+    own generator; the rest of the batch shares the global generator and one vectorised fill.
+    """
+    noise = torch.empty_like(probs)  # (S, V)
+    if len(seeded) < probs.shape[0]:
+        noise.exponential_()
+    for row, generator in seeded:
+        noise[row].exponential_(generator=generator)
+    # A zero draw would turn a zero probability into nan; the smallest normal float keeps p / E finite.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return probs.div_(noise).argmax(dim=-1)
+
+
+class Sampler:
+    """Next token ids for a decode batch: ``Sampler()(logits (B, V), state) -> (B,)`` int64.
+
+    Each row uses its own ``SamplingParams``; greedy rows take the argmax of their penalised logits and never see
+    the warpers or the randomness of the sampled rows. The call advances ``state`` by the returned ids.
+    """
+
+    def __call__(self, logits: Tensor, state: SamplingState) -> Tensor:
+        if logits.shape != (len(state), state.vocab_size):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the sampling state "
+                             f"({len(state)} rows, vocab {state.vocab_size})")
+        logits = apply_penalties(logits, state)  # (B, V)
+        if state.all_sampled:
+            next_ids = self._sample(logits, state)
+        else:
+            next_ids = logits.argmax(dim=-1)  # (B,) greedy rows: first index among ties, like torch.argmax
+            if state.sample_rows.numel():
+                next_ids[state.sample_rows] = self._sample(logits[state.sample_rows], state)
+        state.advance(next_ids)
+        return next_ids
+
+    @staticmethod
+    def _sample(logits: Tensor, state: SamplingState) -> Tensor:
+        probs = warp_logits(logits, state.warp).softmax(dim=-1)  # (S, V)
+        return _draw(probs, state.seeded)
+
+    @staticmethod
+    def process_logits(logits: Tensor, state: SamplingState) -> Tensor:
+        """The final logits each row samples from (greedy rows: penalised only), without drawing; (B, V)."""
+        logits = apply_penalties(logits, state)  # (B, V)
+        if state.all_sampled:
+            return warp_logits(logits, state.warp)
+        logits = logits.clone()  # apply_penalties may hand back the caller's tensor
+        if state.sample_rows.numel():
+            logits[state.sample_rows] = warp_logits(logits[state.sample_rows], state.warp)
+        return logits

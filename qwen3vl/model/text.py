@@ -1,0 +1,166 @@
+"""Text decoder of Qwen3-VL (Qwen3 layers), dense or mixture-of-experts per layer.
+
+Layers: RMSNorm pre-norm; attention with per-head RMSNorm on q and k before MRoPE and
+grouped-query attention; SwiGLU MLP or a sparse MoE block; DeepStack visual features are added
+at the visual token positions right after the first ``len(deepstack)`` layers.
+
+The released checkpoint keeps q/k/v and gate/up as separate tensors; here they are fused at load
+time (``qkv_proj``, ``gate_up_proj``) so each costs one GEMM (the name table in ``weights.py``
+maps checkpoint slices onto the fused parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, exactly like the reference.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class AttnContext:
+    """What every layer's attention needs for one forward call (computed once per call).
+
+    cos, sin:  (B, T, D) rotary tables for the new tokens.
+    mask:      (B, 1, T, L) bool, True = may attend; None = plain causal over new tokens only.
+    cache:     a KV cache exposing ``write(layer, k, v) -> (k_all, v_all)`` or None.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    cache: object | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x).view(b, t, self.nh + 2 * self.nkv, self.hd)
+        q, k, v = qkv.split((self.nh, self.nkv, self.nkv), dim=2)  # (B, T, heads, D)
+        cos, sin = ctx.cos[:, :, None, :], ctx.sin[:, :, None, :]
+        q = apply_rotary(self.q_norm(q), cos, sin).transpose(1, 2)  # (B, nh, T, D)
+        k = apply_rotary(self.k_norm(k), cos, sin).transpose(1, 2)  # (B, nkv, T, D)
+        v = v.transpose(1, 2)  # (B, nkv, T, D)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(self.layer, k, v)  # (B, nkv, L, D)
+        if ctx.mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.nkv != self.nh)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.nkv != self.nh)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused into one projection."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    """Router -> softmax (float32) -> top-k -> (renormalise) -> SwiGLU experts.
+
+    Expert weights are kept as (E, 2I, H) and (E, H, I) so each expert is a plain ``F.linear``.
+    Tokens are grouped by expert with one sort, so the Python loop runs over the experts that
+    were hit, never over tokens; at decode (one token) only its k experts' weights are read.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.top_k, self.intermediate, self.norm_topk = cfg.num_experts_per_tok, i, cfg.norm_topk_prob
+        self.gate = nn.Linear(h, e, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed, for inspection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, H)
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        flat = experts.reshape(-1)  # (N*k,)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        self.last_expert_counts = counts
+        token_of = order // self.top_k  # (N*k,) token index for each sorted assignment
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            sel = order[start : start + n]
+            tok = token_of[start : start + n]
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).split(self.intermediate, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # (n, H)
+            out.index_add_(0, tok, y * weights.reshape(-1)[sel, None])
+            start += n
+        return out.reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, ctx: AttnContext, visual_mask=None, deepstack=()) -> torch.Tensor:
+        """h: (B, T, H) input embeddings -> (B, T, H) final-normed hidden states.
+
+        visual_mask: (B, T) bool, where the deepstack features (each (n_visual, H)) are added.
+        """
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx)
+            if i < len(deepstack):
+                h[visual_mask] += deepstack[i].to(h.dtype)
+        return self.norm(h)

@@ -1,0 +1,148 @@
+"""Image preprocessing: smart resize, bicubic resampling, normalisation and patchify.
+
+Output rows follow the vision encoder's layout: each row is one flattened
+(channel, temporal=2, 16, 16) patch, rows ordered in 2x2 merge windows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ImageSizeError
+
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass(frozen=True)
+class VisionParams:
+    """Geometry and normalisation shared by the image and video paths (from the preprocessor configs)."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_config(cls, cfg: dict, min_pixels: int = 65536, max_pixels: int = 16777216) -> "VisionParams":
+        size = cfg.get("size") or {}
+        return cls(
+            patch_size=int(cfg.get("patch_size", 16)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", 2)),
+            merge_size=int(cfg.get("merge_size", 2)),
+            # explicit min/max_pixels win over `size`, as in the reference's constructor
+            min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or min_pixels),
+            max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or max_pixels),
+            image_mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+        )
+
+
+def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 65536,
+                 max_pixels: int = 16777216) -> tuple[int, int]:
+    """Closest (h, w), both multiples of ``factor``, with h*w in [min_pixels, max_pixels].
+
+    Same arithmetic as the reference (Python's round-half-even included).
+    """
+    if min(height, width) <= 0:
+        raise ImageSizeError(f"image has zero size ({width}x{height})", kind="image")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageSizeError(
+            f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
+            f"got {max(height, width) / min(height, width):.1f} ({width}x{height})", kind="image")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def target_image_size(height: int, width: int, params: VisionParams, *, min_pixels=None, max_pixels=None,
+                      resized_height=None, resized_width=None) -> tuple[int, int]:
+    """Per-item size resolution with qwen-vl-utils semantics.
+
+    ``resized_height``/``resized_width`` ask for an explicit size (rounded to the factor);
+    otherwise ``min_pixels``/``max_pixels`` override the configured pixel budget.
+    """
+    lo = int(min_pixels) if min_pixels is not None else params.min_pixels
+    hi = int(max_pixels) if max_pixels is not None else params.max_pixels
+    if resized_height and resized_width:
+        return smart_resize(int(resized_height), int(resized_width), params.factor, lo, max(hi, lo))
+    return smart_resize(height, width, params.factor, lo, hi)
+
+
+def _scale_shift(params: VisionParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold rescale (1/255) and normalise ((x - mean) / std) into one multiply-add per channel."""
+    std = torch.tensor(params.image_std, dtype=torch.float64)
+    mean = torch.tensor(params.image_mean, dtype=torch.float64)
+    return (1.0 / (255.0 * std)).float(), (-mean / std).float()
+
+
+def patchify_frames(frames: torch.Tensor, params: VisionParams) -> torch.Tensor:
+    """(T, H, W, C) uint8 frames, T a multiple of temporal_patch_size -> (N, C*tp*ps*ps) float32.
+
+    Rows are ordered (t, h-window, w-window, row in window, col in window); within a row the
+    values are ordered (channel, frame in pair, y, x), as the patch-embedding Conv3d expects.
+    """
+    t, h, w, c = frames.shape
+    ps, ms, tp = params.patch_size, params.merge_size, params.temporal_patch_size
+    gt, gh, gw = t // tp, h // ps, w // ps
+    x = frames.view(gt, tp, gh // ms, ms, ps, gw // ms, ms, ps, c)
+    # (gt, gh/ms, gw/ms, ms_h, ms_w, C, tp, ps_y, ps_x)
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    out.copy_(x)  # one pass: gather + uint8 -> float32
+    scale, shift = _scale_shift(params)
+    shape = (1, 1, 1, 1, 1, c, 1, 1, 1)
+    out.mul_(scale.view(shape)).add_(shift.view(shape))
+    return out.view(gt * gh * gw, c * tp * ps * ps)  # (N, C*tp*ps*ps)
+
+
+def resize_image(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """Bicubic resize through PIL on uint8 (the reference's PIL backend does the same)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.BICUBIC)
+    return np.asarray(image)  # (H, W, 3) uint8
+
+
+def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | None = None,
+                     **size_overrides) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """One RGB PIL image -> (pixel rows (N, 3*2*16*16) float32, grid (1, h/16, w/16))."""
+    width, height = image.size
+    try:
+        th, tw = target_image_size(height, width, params, **size_overrides)
+    except ImageSizeError as exc:
+        raise ImageSizeError(exc.reason, kind="image", index=index, source=image) from None
+    pixels = torch.from_numpy(resize_image(image, th, tw).copy())  # (H, W, 3) uint8
+    # duplicate the still image into a temporal pair (a view: no copy before patchify)
+    frames = pixels.unsqueeze(0).expand(params.temporal_patch_size, th, tw, 3)
+    rows = patchify_frames(frames, params)  # (gh*gw, 3*2*16*16)
+    return rows, (1, th // params.patch_size, tw // params.patch_size)
+
+
+def preprocess_images(images: list[Image.Image], params: VisionParams, overrides: list[dict] | None = None):
+    """A list of RGB PIL images -> (pixel_values (sum N, 1536) float32, image_grid_thw (n, 3) int64)."""
+    overrides = overrides or [{} for _ in images]
+    rows, grids = [], []
+    for i, (image, kw) in enumerate(zip(images, overrides)):
+        r, g = preprocess_image(image, params, index=i, **kw)
+        rows.append(r)
+        grids.append(g)
+    pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
+    return pixel_values, torch.tensor(grids, dtype=torch.int64)

@@ -1,0 +1,205 @@
+"""Checkpoint loading: safetensors (single file or sharded), one explicit name table, streaming.
+
+The name table maps every tensor name of the RELEASED checkpoint layout onto a parameter of our
+model, with an optional row slice (q/k/v and gate/up are fused here) and an optional transpose
+(MoE experts). The transformers >= 5 re-serialisation, which stores experts transposed, is
+accepted too: the expert shapes tell which layout a file has.
+
+Loading streams one tensor at a time into a model built on the meta device and materialised
+with ``to_empty``, so peak memory stays about one copy of the weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import Qwen3VLConfig
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint whose tensors do not match the model."""
+
+
+@dataclass(frozen=True)
+class Target:
+    param: str                      # our parameter name
+    rows: tuple[int, int] | None = None  # slice of dim 0 of the parameter (fused tensors)
+    expert_layout: bool = False     # released (E, in, out) experts, stored (E, out, in) here
+
+
+def name_table(cfg: Qwen3VLConfig) -> dict[str, Target]:
+    """Checkpoint tensor name -> where it goes in our model."""
+    table: dict[str, Target] = {}
+    v, t = cfg.vision, cfg.text
+
+    def same(*names: str) -> None:
+        for n in names:
+            table[n] = Target(n)
+
+    pv = "model.visual."
+    same(pv + "patch_embed.proj.weight", pv + "patch_embed.proj.bias", pv + "pos_embed.weight")
+    for i in range(v.depth):
+        b = f"{pv}blocks.{i}."
+        for mod in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            same(b + mod + ".weight", b + mod + ".bias")
+    mergers = ["merger."] + [f"deepstack_merger_list.{k}." for k in range(len(v.deepstack_visual_indexes))]
+    for m in mergers:
+        for mod in ("norm", "linear_fc1", "linear_fc2"):
+            same(pv + m + mod + ".weight", pv + m + mod + ".bias")
+
+    pt = "model.language_model."
+    same(pt + "embed_tokens.weight", pt + "norm.weight")
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    for i in range(t.num_hidden_layers):
+        b = f"{pt}layers.{i}."
+        same(b + "input_layernorm.weight", b + "post_attention_layernorm.weight",
+             b + "self_attn.q_norm.weight", b + "self_attn.k_norm.weight", b + "self_attn.o_proj.weight")
+        suffixes = (".weight", ".bias") if t.attention_bias else (".weight",)
+        for s in suffixes:
+            for name, rows in (("q_proj", (0, q)), ("k_proj", (q, q + kv)), ("v_proj", (q + kv, q + 2 * kv))):
+                table[f"{b}self_attn.{name}{s}"] = Target(f"{b}self_attn.qkv_proj{s}", rows)
+        if t.attention_bias:
+            same(b + "self_attn.o_proj.bias")
+        if t.is_sparse_layer(i):
+            same(b + "mlp.gate.weight")
+            table[b + "mlp.experts.gate_up_proj"] = Target(b + "mlp.gate_up_proj", expert_layout=True)
+            table[b + "mlp.experts.down_proj"] = Target(b + "mlp.down_proj", expert_layout=True)
+        else:
+            im = t.intermediate_size
+            table[b + "mlp.gate_proj.weight"] = Target(b + "mlp.gate_up_proj.weight", (0, im))
+            table[b + "mlp.up_proj.weight"] = Target(b + "mlp.gate_up_proj.weight", (im, 2 * im))
+            same(b + "mlp.down_proj.weight")
+    if not cfg.tie_word_embeddings:
+        same("lm_head.weight")
+    return table
+
+
+def _target_shape(tgt: Target, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape the checkpoint tensor must have (released layout)."""
+    shape = tuple(param_shape)
+    if tgt.rows is not None:
+        shape = (tgt.rows[1] - tgt.rows[0],) + shape[1:]
+    if tgt.expert_layout:
+        shape = (shape[0], shape[2], shape[1])
+    return shape
+
+
+def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Released-layout tensor name -> shape for a (possibly meta) model."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {n: _target_shape(tgt, tuple(params[tgt.param].shape)) for n, tgt in name_table(model.config).items()}
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint folder (index-driven when sharded)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise WeightsError(f"{index} lists shard files that do not exist: {missing}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise WeightsError(f"no *.safetensors files in {path}")
+    return files
+
+
+def _scan(files: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (file, shape), reading only the headers."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for fn in files:
+        try:
+            with safe_open(fn, framework="pt") as f:
+                for key in f.keys():
+                    found[key] = (fn, tuple(f.get_slice(key).get_shape()))
+        except Exception as e:  # the library raises its own error types for corrupt files
+            raise WeightsError(f"cannot read {fn}: {e} (truncated or not a safetensors file?)") from e
+    return found
+
+
+def _expert_needs_transpose(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool | None:
+    """True: released layout; False: transformers >= 5 layout; None: neither."""
+    if shape == expected:
+        return True
+    if shape == (expected[0], expected[2], expected[1]):
+        return False
+    return None
+
+
+def _validate(cfg: Qwen3VLConfig, model, found) -> dict[str, bool]:
+    """Check names and shapes; returns, for expert tensors, whether to transpose them."""
+    table = name_table(cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = sorted(set(table) - set(found))
+    unexpected = sorted(set(found) - set(table) - ignorable)
+    wrong, transpose = [], {}
+    for name, (_, shape) in found.items():
+        tgt = table.get(name)
+        if tgt is None:
+            continue
+        expected = _target_shape(tgt, tuple(params[tgt.param].shape))
+        if tgt.expert_layout:
+            flag = _expert_needs_transpose(shape, expected)
+            if flag is None:
+                wrong.append(f"{name}: {list(shape)} (expected {list(expected)})")
+            transpose[name] = bool(flag)
+        elif shape != expected:
+            wrong.append(f"{name}: {list(shape)} (expected {list(expected)})")
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if items:
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            problems.append(f"  {len(items)} {title} tensor(s):\n    {shown}")
+    if problems:
+        raise WeightsError("checkpoint does not match the model config:\n" + "\n".join(problems))
+    return transpose
+
+
+def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = None) -> None:
+    """Stream a checkpoint folder's tensors into ``model`` (already materialised, any device)."""
+    from safetensors import safe_open
+
+    cfg = model.config
+    files = checkpoint_files(path)
+    found = _scan(files)
+    transpose = _validate(cfg, model, found)
+    table = name_table(cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = sum(os.path.getsize(f) for f in files)
+    if progress is None:
+        progress = total > 256 * 2**20 and os.environ.get("QWEN3VL_NO_PROGRESS") is None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
+    with torch.no_grad():
+        for fn in files:
+            with safe_open(fn, framework="pt") as f:
+                for key in f.keys():
+                    tgt = table.get(key)
+                    if tgt is None:
+                        continue  # an ignorable duplicate (tied lm_head)
+                    src = f.get_tensor(key)
+                    if transpose.get(key):
+                        src = src.transpose(1, 2)
+                    dst = params[tgt.param]
+                    if tgt.rows is not None:
+                        dst = dst[tgt.rows[0] : tgt.rows[1]]
+                    dst.copy_(src)
+                    if bar is not None:
+                        bar.update(src.numel() * src.element_size())
+    if bar is not None:
+        bar.close()

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random checkpoints in the released layout, and the reference model."""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from qwen3vl.random_checkpoint import TINY_CONFIG, write_random_checkpoint  # noqa: E402
+
+
+def tiny_config(**text_overrides) -> dict:
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["text_config"].update(text_overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> str:
+    """Untied embeddings, single safetensors file."""
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("tiny")), tiny_config(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_sharded_ckpt(tmp_path_factory) -> str:
+    """Tied embeddings (no lm_head tensor), three shards with an index."""
+    cfg = tiny_config(tie_word_embeddings=True)
+    cfg["tie_word_embeddings"] = True
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("tiny_tied")), cfg, seed=2, shards=3)
+
+
+def load_reference(path: str, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return model.eval()
