@@ -1,0 +1,286 @@
+"""``Processor``: messages (or text + media) -> model inputs, and token ids -> text.
+
+Output keys match the reference processor: ``input_ids``, ``attention_mask``,
+``mm_token_type_ids`` (0 text, 1 image, 2 video), ``pixel_values`` + ``image_grid_thw`` when
+there are images, ``pixel_values_videos`` + ``video_grid_thw`` when there are videos.
+Per-video sampling metadata is on ``batch.video_metadata`` (also a key with ``return_metadata``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from . import chat
+from .chat import MediaItem
+from .errors import MediaError
+from .image import VisionParams, preprocess_image
+from .media import load_image, load_video
+from .tokenizer import Tokenizer
+from .video import VideoParams, preprocess_video, sample_indices, video_placeholder
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+# processing options accepted per call; any other keyword goes to the chat template
+CALL_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames", "total_pixels", "timeout")
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+
+
+class BatchFeature(dict):
+    """A dict of model inputs that also allows attribute access (``batch.input_ids``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device=None, dtype=None) -> "BatchFeature":
+        """Move tensors to ``device``; ``dtype`` applies to floating tensors only."""
+        out = BatchFeature({k: _move(v, device, dtype) for k, v in self.items()})
+        out.__dict__.update(self.__dict__)
+        return out
+
+
+def _move(value, device, dtype):
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+
+
+def _read_json(path: str) -> dict:
+    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+
+
+class Processor:
+    """Qwen3-VL input processor (images, videos, tokenizer, chat template)."""
+
+    def __init__(self, tokenizer: Tokenizer, image_params: VisionParams | None = None,
+                 video_params: VideoParams | None = None, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_params = image_params or VisionParams()
+        self.video_params = video_params or VideoParams(VisionParams(min_pixels=4096, max_pixels=25165824))
+        self.chat_template = chat_template
+        ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END])
+        self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id = ids
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "Processor":
+        """Build from a local checkpoint folder (preprocessor/video configs, tokenizer, template)."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"not a local model folder: {path}")
+        image_cfg = {**_read_json(os.path.join(path, "preprocessor_config.json")), **overrides}
+        video_cfg = _read_json(os.path.join(path, "video_preprocessor_config.json")) or image_cfg
+        return cls(Tokenizer.from_pretrained(path), VisionParams.from_config(image_cfg),
+                   VideoParams.from_config(video_cfg), chat.load_chat_template(path))
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = True,
+                            return_dict: bool = True, return_tensors: str | None = "pt", padding: bool = True,
+                            padding_side: str | None = None, tools=None, documents=None,
+                            chat_template: str | None = None, continue_final_message: bool = False,
+                            return_mm_token_type_ids: bool = True, return_metadata: bool = False, **kwargs):
+        """One conversation or a list of them -> prompt text(s), or model inputs when ``tokenize``.
+
+        Keywords in ``CALL_OPTIONS`` set the pixel budget / video sampling for this call; every
+        other keyword (``add_vision_id``, ``enable_thinking``...) is passed to the template.
+        """
+        batched = chat.is_batched(conversation)
+        conversations = [chat.normalize_conversation(c) for c in (conversation if batched else [conversation])]
+        options = {k: kwargs.pop(k) for k in CALL_OPTIONS if k in kwargs}
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this checkpoint has no chat template; pass chat_template=")
+        special = {"eos_token": self.tokenizer.eos_token, "pad_token": self.tokenizer.pad_token,
+                   "bos_token": self.tokenizer.bos_token, "unk_token": self.tokenizer.unk_token}
+        prompts = []
+        for messages in conversations:
+            text = chat.render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                               documents=documents, special_tokens=special, **kwargs)
+            if continue_final_message:
+                text = _cut_after_final_message(text, messages)
+            prompts.append(text)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        media = [chat.extract_media(m) for m in conversations]
+        out = self._encode(prompts, [i for items in media for i in items if i.kind == "image"],
+                           [i for items in media for i in items if i.kind == "video"], options,
+                           return_tensors=return_tensors, padding=padding, padding_side=padding_side,
+                           return_mm_token_type_ids=return_mm_token_type_ids, return_metadata=return_metadata)
+        return out if return_dict else out["input_ids"]
+
+    # ------------------------------------------------------------------ text + media
+    def __call__(self, text=None, images=None, videos=None, *, return_tensors: str | None = "pt",
+                 padding: bool = True, padding_side: str | None = None, return_mm_token_type_ids: bool = True,
+                 return_metadata: bool = False, **options) -> BatchFeature:
+        """Prompt text(s) containing ``<|image_pad|>`` / ``<|video_pad|>`` placeholders + the media.
+
+        ``images``: one image, a flat list, or one list per text. ``videos``: one video (path, URL,
+        list of frames or array), a list of them, or one list per text. Media are matched to
+        placeholders in order. Options: ``min_pixels``, ``max_pixels``, ``fps``, ``num_frames``,
+        ``total_pixels``.
+        """
+        unknown = set(options) - set(CALL_OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
+        texts = [text] if isinstance(text, str) else list(text or [])
+        image_items = [MediaItem("image", s) for s in _flatten_media(images, is_video=False)]
+        video_items = [MediaItem("video", s) for s in _flatten_media(videos, is_video=True)]
+        return self._encode(texts, image_items, video_items, options, return_tensors=return_tensors,
+                            padding=padding, padding_side=padding_side,
+                            return_mm_token_type_ids=return_mm_token_type_ids, return_metadata=return_metadata)
+
+    def _encode(self, texts: list[str], image_items: list[MediaItem], video_items: list[MediaItem],
+                options: dict, *, return_tensors, padding, padding_side, return_mm_token_type_ids,
+                return_metadata) -> BatchFeature:
+        data: dict = {}
+        image_tokens, video_texts, metadata = [], [], []
+        if image_items:
+            pixel_values, grids = self._process_images(image_items, options)
+            data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
+            merge = self.image_params.merge_size ** 2
+            image_tokens = [int(g.prod()) // merge for g in grids]
+        if video_items:
+            videos = self._process_videos(video_items, options)
+            data["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos], 0)  # (sum N, 1536)
+            data["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.int64)
+            video_texts = [video_placeholder(v, self.video_params, VIDEO_TOKEN, VISION_START, VISION_END)
+                           for v in videos]
+            metadata = [{"frames_indices": v.indices, "timestamps": v.timestamps, "fps": v.fps,
+                         "total_num_frames": v.total_frames} for v in videos]
+        texts = self._expand_placeholders(texts, image_tokens, video_texts)
+        ids = self.tokenizer.encode_batch(texts)
+        data = {**self._pad(ids, padding, padding_side, return_mm_token_type_ids), **data}
+        if return_tensors is None:
+            data = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        elif return_tensors not in ("pt", "torch"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use 'pt' or None)")
+        if return_metadata and metadata:
+            data["video_metadata"] = metadata
+        out = BatchFeature(data)
+        out.__dict__["video_metadata"] = metadata
+        return out
+
+    def _process_images(self, items: list[MediaItem], options: dict):
+        timeout = options.get("timeout", 10.0)
+        rows, grids = [], []
+        for i, item in enumerate(items):
+            size = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels")}
+            size.update(item.options)
+            image = load_image(item.source, index=i, timeout=timeout)
+            r, g = preprocess_image(image, self.image_params, index=i, **size)
+            rows.append(r)
+            grids.append(g)
+        pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)  # (sum N, 1536) float32
+        return pixel_values, torch.tensor(grids, dtype=torch.int64)
+
+    def _process_videos(self, items: list[MediaItem], options: dict):
+        out = []
+        for j, item in enumerate(items):
+            opts = {k: v for k, v in options.items() if k in ("fps", "num_frames", "total_pixels", "timeout")}
+            opts.update(item.options)
+            if "num_frames" in item.options:
+                opts.pop("fps", None)  # an item's own num_frames wins over a call-level fps
+            elif "fps" in item.options:
+                opts.pop("num_frames", None)
+            fps, num_frames = opts.pop("fps", None), opts.pop("num_frames", None)
+            sample_fps = opts.pop("sample_fps", None) or fps or self.video_params.fps
+            timeout = opts.pop("timeout", 10.0)
+
+            def sampler(total, video_fps, fps=fps, num_frames=num_frames):
+                return sample_indices(total, video_fps, self.video_params, fps=fps, num_frames=num_frames)
+
+            clip = load_video(item.source, sampler, index=j, sample_fps=sample_fps, timeout=timeout)
+            out.append(preprocess_video(clip, self.video_params, index=j, **opts))
+        return out
+
+    def _expand_placeholders(self, texts: list[str], image_tokens: list[int], video_texts: list[str]):
+        """Replace the i-th ``<|image_pad|>`` by its n pads and the j-th ``<|video_pad|>`` by its slices."""
+        n_img = sum(t.count(IMAGE_TOKEN) for t in texts)
+        n_vid = sum(t.count(VIDEO_TOKEN) for t in texts)
+        if n_img != len(image_tokens) or n_vid != len(video_texts):
+            raise ValueError(f"the prompt has {n_img} image and {n_vid} video placeholders but "
+                             f"{len(image_tokens)} images and {len(video_texts)} videos were given")
+        images, videos = iter(image_tokens), iter(video_texts)
+        out = []
+        for text in texts:
+            parts = _PLACEHOLDER.split(text)
+            for k in range(1, len(parts), 2):
+                parts[k] = IMAGE_TOKEN * next(images) if parts[k] == IMAGE_TOKEN else next(videos)
+            out.append("".join(parts))
+        return out
+
+    def _pad(self, ids: list[list[int]], padding, padding_side, return_mm_token_type_ids) -> dict:
+        side = padding_side or self.tokenizer.padding_side or "left"
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        longest = max((len(x) for x in ids), default=0)
+        if not padding and any(len(x) != longest for x in ids):
+            raise ValueError("sequences have different lengths; pass padding=True")
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.int64)  # (B, T)
+        mask = torch.zeros((len(ids), longest), dtype=torch.int64)               # (B, T)
+        for b, seq in enumerate(ids):
+            span = slice(longest - len(seq), longest) if side == "left" else slice(0, len(seq))
+            input_ids[b, span] = torch.tensor(seq, dtype=torch.int64)
+            mask[b, span] = 1
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if return_mm_token_type_ids:
+            types = torch.zeros_like(input_ids)
+            types[input_ids == self.image_token_id] = 1
+            types[input_ids == self.video_token_id] = 2
+            out["mm_token_type_ids"] = types * mask
+        return out
+
+
+def _flatten_media(media, *, is_video: bool) -> list:
+    """None, one item, a flat list, or one list per text -> flat list of items.
+
+    For videos a list of frames (images, 3-D arrays, image paths) is ONE video.
+    """
+    if media is None:
+        return []
+    if not isinstance(media, (list, tuple)):
+        return [media]
+    if not is_video:
+        return [m for sub in media for m in (sub if isinstance(sub, (list, tuple)) else [sub])]
+    if media and all(_is_frame(m) for m in media):
+        return [list(media)]
+    out = []
+    for m in media:
+        if isinstance(m, (list, tuple)) and m and not all(_is_frame(f) for f in m):
+            out.extend(m)  # one list of videos per text
+        else:
+            out.append(m)
+    return out
+
+
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _is_frame(x) -> bool:
+    if isinstance(x, str):
+        return x.lower().endswith(_IMAGE_EXTS) or x.startswith("data:image/")
+    ndim = getattr(x, "ndim", None)
+    return ndim == 3 or (ndim is None and hasattr(x, "getbands"))  # 3-D array or PIL image
+
+
+def _cut_after_final_message(text: str, messages: list[dict]) -> str:
+    """Stop the prompt right after the last message's text (continue that message)."""
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    content = (content or "").strip()
+    if content and content in text:
+        return text[: text.rindex(content) + len(content)]
+    return text

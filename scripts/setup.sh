@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU build of PyTorch and qwen3vl (editable) plus its test dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -d .venv ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+# Pinned: an unpinned torch would pull several GB of CUDA packages.
+pip install -q "torch==2.13.0"
+pip install -q -e ".[test,hub]"

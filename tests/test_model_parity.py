@@ -1,0 +1,70 @@
+"""fp32 logits parity with the reference implementation on tiny released-layout checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen3vl
+from conftest import load_reference
+from model_inputs import Builder, batch, mm_token_type_ids
+
+TOL = 1e-5
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def compare(path: str, inputs: dict) -> float:
+    ours = qwen3vl.Qwen3VL.from_pretrained(path, dtype=torch.float32)
+    ref = load_reference(path)
+    with torch.no_grad():
+        expected = ref(**inputs, mm_token_type_ids=mm_token_type_ids(inputs["input_ids"])).logits
+    got = ours(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert got.shape == expected.shape
+    return rel_err(got[valid], expected[valid])
+
+
+CASES = {
+    "text_only": lambda: batch(Builder(0).text(24)),
+    "one_image": lambda: batch(Builder(1).text(5).image(8, 12).text(7)),
+    "two_images_different_sizes": lambda: batch(Builder(2).text(3).image(8, 12).text(4).image(12, 6).text(5)),
+    "video_3_slices_plus_image": lambda: batch(Builder(3).text(4).video(3, 8, 8).text(2).image(6, 10).text(3)),
+    "left_padded_mixed_batch": lambda: batch(
+        Builder(4).text(3).image(8, 12).text(6),
+        Builder(5).text(2).video(3, 6, 8).text(4),
+        Builder(6).text(9),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_reference(tiny_ckpt, case):
+    assert compare(tiny_ckpt, CASES[case]()) <= TOL
+
+
+@pytest.mark.parametrize("case", ["text_only", "video_3_slices_plus_image", "left_padded_mixed_batch"])
+def test_tied_sharded_checkpoint_matches_reference(tiny_tied_sharded_ckpt, case):
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_tied_sharded_ckpt)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert compare(tiny_tied_sharded_ckpt, CASES[case]()) <= TOL
+
+
+def test_logits_to_keep(tiny_ckpt):
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt)
+    inputs = CASES["one_image"]()
+    full = model(**inputs).logits
+    last = model(**inputs, logits_to_keep=1).logits
+    assert last.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_close_to_float32(tiny_ckpt):
+    inputs = CASES["video_3_slices_plus_image"]()
+    f32 = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="float32")(**inputs).logits
+    bf16_model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    assert bf16_model.dtype == torch.bfloat16
+    bf16 = bf16_model(**inputs).logits.float()
+    assert torch.isfinite(bf16).all()
+    assert rel_err(bf16, f32) <= 5e-2
