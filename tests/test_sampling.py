@@ -358,7 +358,7 @@ def test_min_new_tokens_in_stop_checker():
 
 
 def test_sampler_and_stop_checker_together():
-    # The lead-in for the generation loop: sample, then feed each row's token to its checker.
+    # How a generation loop wires the two together: sample, then feed each row's token to its checker.
     vocab = 16
     torch.manual_seed(7)
     logits = torch.randn(2, vocab)

@@ -162,7 +162,7 @@ class _WarpParams:
     """Per-row warper settings of the sampled rows; a field is None when no row uses that step."""
 
     temperature: Tensor | None  # (S,) float32
-    top_k: Tensor | None  # (S,) int64 in [1, V]; V where disabled
+    top_k: Tensor | None  # (S,) int64 in [1, V]; V where disabled; set whenever top-p is, as they share a sort
     top_p_cut: Tensor | None  # (S,) float32 `1 - top_p`; -1 where disabled, which removes nothing
     min_p: Tensor | None  # (S,) float32
 
@@ -250,12 +250,12 @@ class SamplingState:
 
     def select(self, rows: Sequence[int] | Tensor) -> SamplingState:
         """A state holding only ``rows`` of this one, in that order."""
-        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
-        params = [self.params[i] for i in index.tolist()]
+        keep = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+        params = [self.params[i] for i in keep]
         need_mask, need_counts = _penalty_needs(params)
-        index = index.to(self.device)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)  # (B',)
         return SamplingState(
-            params, [self.generators[i] for i in index.tolist()],
+            params, [self.generators[i] for i in keep],
             num_generated=self.num_generated[index],
             prompt_mask=self.prompt_mask[index] if need_mask else None,
             output_counts=self.output_counts[index] if need_counts else None,

@@ -215,6 +215,18 @@ class Qwen3VL(nn.Module):
         return ModelOutput(self.logits(hidden, logits_to_keep), p.next_position)
 
 
+    def generate(self, input_ids, attention_mask=None, sampling_params=None, **kwargs) -> torch.Tensor:
+        """Generate with reference semantics: -> (B, T + new) ids, finished rows padded with the
+        pad id. Settings (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, penalties,
+        seed, eos_token_id / stop_token_ids, min_new_tokens) default to generation_config.json."""
+        from ..engine.generate import MODEL_INPUTS, generate, resolve_params
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch.update({k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs})
+        kwargs.pop("mm_token_type_ids", None)
+        return generate(self, batch, resolve_params(self, sampling_params, **kwargs))
+
+
 def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
     """valid: (B, T) bool -> (B, 1, T, T) bool: causal, padded keys hidden. A padded query
     attends to itself only, so no row is empty (an empty row gives NaN in SDPA)."""
