@@ -97,14 +97,20 @@ def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> I
     raise ValueError(mode)
 
 
-def write_video(path: str, num_frames: int, fps: int = 10, width: int = 64, height: int = 48, step: int = 8):
-    """An mp4 whose frame i is uniform gray level i*step (so frame identity can be read back)."""
+def write_video(path: str, num_frames: int, fps: int = 10, width: int = 64, height: int = 48, step: int = 8,
+                codec: str | None = None):
+    """A clip whose frame i is uniform gray level i*step (so frame identity can be read back).
+
+    Lossless H.264 (qp 0) where available, else intra-only MPEG-4; ``codec="ffv1"`` for .mkv files.
+    """
     import av
 
     container = av.open(path, mode="w")
-    stream = container.add_stream("mpeg4", rate=fps)
+    if codec is None:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    stream = container.add_stream(codec, rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    stream.options = {"qscale": "1"}
+    stream.options = {"libx264": {"qp": "0"}, "mpeg4": {"qscale": "1", "g": "1"}}.get(codec, {})
     for i in range(num_frames):
         frame = np.full((height, width, 3), (i * step) % 256, dtype=np.uint8)
         for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

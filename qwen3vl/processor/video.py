@@ -101,10 +101,11 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     x = torch.from_numpy(frames)
     if x.shape[1:3] == (height, width):
         return x
-    x = x.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    # planar copy in uint8 first: interpolating a planar float tensor is ~2x faster than a strided one
+    x = x.permute(0, 3, 1, 2).contiguous().float()  # (T, 3, H, W)
     y = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     y = y.round_().clamp_(0, 255).to(torch.uint8)
-    return y.permute(0, 2, 3, 1).contiguous()  # (T, h, w, 3)
+    return y.permute(0, 2, 3, 1)  # (T, h, w, 3), a strided view; patchify gathers from it directly
 
 
 def slice_timestamps(indices, fps: float, temporal_patch_size: int = 2) -> list[float]:

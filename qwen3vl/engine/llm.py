@@ -1,0 +1,116 @@
+"""``qwen3vl.LLM``: the high-level API — load once, then chat (batched) or stream.
+
+    llm = qwen3vl.LLM("path/to/Qwen3-VL-2B-Instruct")
+    res = llm.chat([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                                 {"type": "text", "text": "What is this?"}]}])
+    print(res.text, res.finish_reason, res.usage)
+    for delta in llm.stream_chat(messages): print(delta.text, end="")
+
+Sampling settings default to the checkpoint's generation_config.json; ``max_tokens`` is accepted
+as an alias of ``max_new_tokens``. Several conversations in one ``chat`` call run as one
+continuous batch.
+"""
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+
+from ..demo import demo_checkpoint, is_demo
+from ..model.qwen3vl import Qwen3VL, resolve_model_path
+from ..processor import Processor
+from .engine import Engine
+from .request import ChatResult, Delta, Request
+from .sampling import SamplingParams
+
+MEDIA_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames")
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype="auto", device="cpu", max_num_seqs: int = 8,
+                 max_model_len: int | None = None, progress: bool | None = None):
+        path = demo_checkpoint() if model is None else resolve_model_path(model)
+        self.path = path
+        self.is_demo = is_demo(path)
+        self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+        self.processor = Processor.from_pretrained(path)
+        self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len)
+
+    # ------------------------------------------------------------------ inputs
+    def sampling_params(self, sampling_params: SamplingParams | None = None, **kw) -> SamplingParams:
+        if sampling_params is not None:
+            return sampling_params
+        if "max_tokens" in kw:
+            kw["max_new_tokens"] = kw.pop("max_tokens")
+        return SamplingParams.from_generation_config(self.model.generation_config, **kw)
+
+    def request(self, messages: list[dict], params: SamplingParams, mm_processor_kwargs: dict | None = None,
+                **template_kwargs) -> Request:
+        """Process one conversation into an engine request (raises on bad input)."""
+        options = dict(mm_processor_kwargs or {})
+        unknown = set(options) - set(MEDIA_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown media option(s) {sorted(unknown)}; allowed: {list(MEDIA_OPTIONS)}")
+        inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt",
+                                                    return_metadata=True, **template_kwargs, **options)
+        inputs = {k: v for k, v in inputs.items() if k != "attention_mask" and k != "mm_token_type_ids"}
+        return self.engine.make_request(inputs, params)
+
+    def _split(self, messages, sampling_params, kw):
+        batched = bool(messages) and isinstance(messages[0], list)
+        convs = messages if batched else [messages]
+        mm = kw.pop("mm_processor_kwargs", None)
+        template = {k: kw.pop(k) for k in ("add_vision_id", "tools", "enable_thinking") if k in kw}
+        params = self.sampling_params(sampling_params, **kw)
+        return batched, [self.request(c, params, mm, **template) for c in convs]
+
+    # ------------------------------------------------------------------ API
+    def chat(self, messages, sampling_params: SamplingParams | None = None, **kw) -> ChatResult | list[ChatResult]:
+        """One conversation -> ChatResult; a list of conversations -> list of ChatResult."""
+        batched, reqs = self._split(messages, sampling_params, kw)
+        for r in reqs:
+            self.engine.add(r)
+        self.engine.run_until_done(reqs)
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
+        results = [r.result for r in reqs]
+        return results if batched else results[0]
+
+    def stream_chat(self, messages, sampling_params: SamplingParams | None = None, **kw) -> Iterator[Delta]:
+        """Yield ``Delta``s (``.text`` pieces, UTF-8 safe); the last has ``.result`` (a ChatResult)."""
+        batched, reqs = self._split(messages, sampling_params, kw)
+        if batched:
+            raise ValueError("stream_chat takes one conversation")
+        req = reqs[0]
+        if self.engine._thread is not None:  # a background loop owns the engine: listen to it
+            yield from self._stream_from_thread(req)
+            return
+        self.engine.add(req)
+        try:
+            while req.result is None:
+                for r, delta in self.engine.step():
+                    if r is req:
+                        if r.error is not None:
+                            raise r.error
+                        yield delta
+        finally:
+            if req.result is None:  # the consumer stopped early
+                self.engine.abort(req)
+                while req.result is None:
+                    self.engine.step()
+
+    def _stream_from_thread(self, req: Request) -> Iterator[Delta]:
+        q: queue.Queue[Delta] = queue.Queue()
+        self.engine.add(req, q.put)
+        try:
+            while True:
+                delta = q.get()
+                if req.error is not None:
+                    raise req.error
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            if req.result is None:
+                self.engine.abort(req)

@@ -1,0 +1,98 @@
+"""One generation request as the engine sees it: its processed prompt, sampling settings, the
+tokens produced so far, incremental text with stop handling, and its final result."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ..processor.tokenizer import IncrementalDetokenizer
+from .sampling import SamplingParams
+from .stopping import StopChecker
+
+_ids = itertools.count()
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int = 0
+    video_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class ChatResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    usage: Usage
+    metadata: dict = field(default_factory=dict)  # e.g. sampled video frames and timestamps
+
+
+@dataclass
+class Delta:
+    """A streamed piece of a request's output; the last one carries the final result."""
+
+    text: str
+    token_ids: list[int]
+    result: ChatResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
+class Request:
+    def __init__(self, inputs: dict, params: SamplingParams, tokenizer, image_token_id: int, video_token_id: int):
+        self.id = next(_ids)
+        self.inputs = inputs  # one prompt: input_ids (1, T), pixel values, grids
+        self.params = params
+        ids = inputs["input_ids"][0]
+        self.prompt_ids = ids
+        self.usage = Usage(len(ids), 0, int((ids == image_token_id).sum()), int((ids == video_token_id).sum()))
+        self.output_ids: list[int] = []
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.stop = StopChecker(params)
+        self.result: ChatResult | None = None
+        self.metadata = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+        # Engine bookkeeping.
+        self.slot: int | None = None
+        self.cache_len = 0  # tokens in this request's KV slot
+        self.next_position = 0  # MRoPE position of the next token
+        self.aborted = False
+        self.error: Exception | None = None
+        self.state = None  # SamplingState of this request alone, until it joins the decode batch
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def add_token(self, token: int) -> Delta:
+        """Record a sampled token; returns the text it adds (stop strings withheld or cut)."""
+        self.output_ids.append(token)
+        res = self.stop.update(token, self.detok.add(token))
+        text = res.text
+        if res.finished:
+            if res.finish_reason == "length" or token in self.params.stop_token_ids:
+                # Bytes of an unfinished character held back by the detokenizer still belong to the text.
+                tail = self.detok.flush()
+                text += tail
+                self.stop.text += tail
+            self._finish(res.finish_reason)
+        return Delta(text, [token], self.result)
+
+    def _finish(self, reason: str) -> None:
+        self.usage.completion_tokens = len(self.output_ids)
+        self.result = ChatResult(self.stop.text, list(self.output_ids), reason, self.usage, self.metadata)
+
+    def abort(self) -> Delta:
+        """End the request early (client gone, engine shutting down)."""
+        self.aborted = True
+        self._finish("abort")
+        return Delta("", [], self.result)

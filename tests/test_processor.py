@@ -1,0 +1,275 @@
+"""Parity of qwen3vl.processor with transformers' Qwen3VLProcessor (images, text, chat template)."""
+from __future__ import annotations
+
+import base64
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from processor_fixtures import (jpeg_bytes, make_reference_processor, processor, processor_dir,  # noqa: F401
+                                random_image, reference)
+
+
+@pytest.fixture(scope="module")
+def ref(reference):
+    reference.tokenizer.padding_side = "left"  # our default is the generation layout
+    return reference
+
+
+def run_both(ours, ref, conversation, **kw):
+    a = ours.apply_chat_template(conversation, add_generation_prompt=True, **kw)
+    b = ref.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                return_tensors="pt", padding=True, **kw)
+    return a, b
+
+
+def assert_same(a, b, tol=2e-3):
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        if key in b:
+            assert key in a, key
+            assert torch.equal(a[key], b[key]), key
+    assert ("pixel_values" in a) == ("pixel_values" in b)
+    if "pixel_values" in b:
+        assert a["pixel_values"].dtype == torch.float32
+        assert a["pixel_values"].shape == b["pixel_values"].shape
+        assert (a["pixel_values"] - b["pixel_values"]).abs().mean().item() <= tol
+
+
+def user(*blocks):
+    return {"role": "user", "content": list(blocks)}
+
+
+def img(image):
+    return {"type": "image", "image": image}
+
+
+def txt(text):
+    return {"type": "text", "text": text}
+
+
+@pytest.mark.parametrize("size", [(20, 30), (30, 20), (33, 97), (224, 224), (3, 450), (450, 3), (641, 479)])
+def test_image_sizes(processor, ref, size):
+    conv = [user(img(random_image(*size, seed=sum(size))), txt("Describe."))]
+    a, b = run_both(processor, ref, conv)
+    assert_same(a, b)
+
+
+def test_large_image(processor, ref):
+    conv = [user(img(random_image(3000, 2400, seed=3)), txt("Describe."))]
+    a, b = run_both(processor, ref, conv)
+    assert_same(a, b)
+    assert a["image_grid_thw"].tolist() == [[1, 150, 188]]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_image_modes(processor, ref, mode):
+    conv = [user(img(random_image(90, 70, mode=mode, seed=5)), txt("What?"))]
+    a, b = run_both(processor, ref, conv)
+    assert_same(a, b)
+
+
+def test_palette_with_transparency(processor, ref):
+    image = random_image(64, 64, mode="P", seed=9)
+    image.info["transparency"] = 0
+    a, b = run_both(processor, ref, [user(img(image), txt("?"))])
+    assert_same(a, b)
+
+
+def test_exif_rotated_jpeg_path(processor, ref, tmp_path):
+    image = random_image(80, 40, seed=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = str(tmp_path / "rotated.jpg")
+    open(path, "wb").write(jpeg_bytes(image, exif=exif))
+    a, b = run_both(processor, ref, [user(img(path), txt("?"))])
+    assert_same(a, b)
+    # the upright image is 40 wide, 80 tall: more rows than columns in the grid
+    grid = a["image_grid_thw"][0].tolist()
+    assert grid[1] > grid[2]
+
+
+def test_sources_path_file_url_data_url(processor, ref, tmp_path):
+    image = random_image(50, 70, seed=4)
+    path = str(tmp_path / "x.png")
+    image.save(path)
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    conv = [user(img(path), {"type": "image", "url": "file://" + path},
+                 {"type": "image", "path": path}, img("data:image/png;base64," + data), txt("same?"))]
+    a = processor.apply_chat_template(conv)
+    b = ref.apply_chat_template([user(img(image), img(image), img(image), img(image), txt("same?"))],
+                                add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert_same(a, b)
+
+
+def test_numpy_and_torch_images(processor):
+    image = random_image(64, 48, seed=8)
+    arr = np.asarray(image)
+    conv = [user(img(image), img(arr), img(torch.from_numpy(arr.copy()).permute(2, 0, 1)), txt("?"))]
+    out = processor.apply_chat_template(conv)
+    n = out["pixel_values"].shape[0] // 3
+    pv = out["pixel_values"]
+    assert torch.equal(pv[:n], pv[n:2 * n]) and torch.equal(pv[:n], pv[2 * n:])
+
+
+def test_rgba_file_is_composited_on_white(processor, tmp_path):
+    # fully transparent black pixels must come out white (the reference drops alpha on files)
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    path = str(tmp_path / "t.png")
+    rgba.save(path)
+    out = processor.apply_chat_template([user(img(path), txt("?"))])
+    assert torch.allclose(out["pixel_values"], torch.ones_like(out["pixel_values"]))
+
+
+def test_conversation_features(processor, ref):
+    a_img, b_img = random_image(40, 60, seed=11), random_image(100, 30, seed=12)
+    conv = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        user(img(a_img), img(b_img), txt("Compare these two pictures.")),
+        {"role": "assistant", "content": "The first is taller."},
+        user(txt("请用中文再说一遍，谢谢！"), img(a_img)),
+    ]
+    a, b = run_both(processor, ref, conv)
+    assert_same(a, b)
+    a, b = run_both(processor, ref, conv, add_vision_id=True)
+    assert_same(a, b)
+    assert "Picture 3:" in processor.apply_chat_template(conv, tokenize=False, add_vision_id=True)
+
+
+def test_text_only_and_string_content(processor, ref):
+    conv = [{"role": "user", "content": "Hello, 世界! Ünïcödé ✓ 🙂"}]
+    a, b = run_both(processor, ref, conv)
+    assert_same(a, b)
+    assert "pixel_values" not in a
+    assert processor.apply_chat_template(conv, tokenize=False) == ref.apply_chat_template(
+        conv, add_generation_prompt=True, tokenize=False)
+
+
+def test_tools_in_template(processor, ref):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city <b>",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    conv = [{"role": "system", "content": "Be brief."}, user(txt("Weather in Paris?")),
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "sunny, 21°C"}]
+    ours = processor.apply_chat_template(conv, tokenize=False, tools=tools)
+    theirs = ref.apply_chat_template(conv, add_generation_prompt=True, tokenize=False, tools=tools)
+    assert ours == theirs
+    assert "<tools>" in ours and "<b>" in ours
+    a, b = run_both(processor, ref, conv, tools=tools)
+    assert_same(a, b)
+
+
+def test_batch_left_padding(processor, ref):
+    convs = [[user(img(random_image(64, 64, seed=1)), txt("Describe this image in detail please."))],
+             [user(txt("Hi"))],
+             [user(img(random_image(30, 90, seed=2)), img(random_image(90, 30, seed=3)), txt("Two."))]]
+    a, b = run_both(processor, ref, convs)
+    assert_same(a, b)
+    mask = a["attention_mask"]
+    assert mask[1, 0] == 0 and mask[:, -1].all()  # left padding: real tokens end every row
+    assert (a["input_ids"][mask == 0] == 151643).all()
+    right = processor.apply_chat_template(convs, padding_side="right")
+    assert right["attention_mask"][:, 0].all()
+    texts = processor.apply_chat_template(convs, tokenize=False)
+    assert isinstance(texts, list) and len(texts) == 3
+
+
+def test_openai_format(processor, tmp_path):
+    image = random_image(64, 48, seed=6)
+    path = str(tmp_path / "o.png")
+    image.save(path)
+    hf = processor.apply_chat_template([user(img(image), txt("What is it?"))])
+    oa = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "file://" + path}}]}])
+    qwen_no_type = processor.apply_chat_template([user({"image": path}, {"text": "What is it?"})])
+    assert torch.equal(hf["pixel_values"], oa["pixel_values"])
+    assert torch.equal(hf["input_ids"], qwen_no_type["input_ids"])
+
+
+def test_per_item_and_per_call_pixel_budget(processor, ref):
+    image = random_image(1000, 800, seed=7)
+    small = processor.apply_chat_template([user(img(image), txt("?"))], max_pixels=128 * 128)
+    # 1000x800 px, budget 16384: beta = sqrt(800000/16384) = 6.99 -> 96 x 128 px -> grid 6 x 8
+    assert small["image_grid_thw"].tolist() == [[1, 6, 8]]
+    item = processor.apply_chat_template([user({"type": "image", "image": image, "max_pixels": 128 * 128},
+                                               txt("?"))])
+    assert torch.equal(small["pixel_values"], item["pixel_values"])
+    fixed = processor.apply_chat_template([user({"type": "image", "image": image, "resized_height": 300,
+                                                 "resized_width": 500}, txt("?"))])
+    assert fixed["image_grid_thw"].tolist() == [[1, 18, 32]]  # 288 x 512 px
+    b = ref.apply_chat_template([user(img(image), txt("?"))], add_generation_prompt=True, tokenize=True,
+                                return_dict=True, return_tensors="pt",
+                                processor_kwargs={"size": {"shortest_edge": 65536, "longest_edge": 128 * 128}})
+    assert_same(small, b)
+
+
+def test_call_with_text_and_images(processor, ref):
+    image = random_image(120, 90, seed=10)
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
+    a = processor(text=[text], images=[image])
+    b = ref(text=[text], images=[image], return_tensors="pt")
+    assert_same(a, b)
+    with pytest.raises(ValueError):
+        processor(text=[text], images=None)
+
+
+def test_decode_and_tokenizer(processor, ref):
+    conv = [user(txt("Bonjour 你好 🙂"))]
+    ids = processor.apply_chat_template(conv)["input_ids"]
+    assert processor.decode(ids[0]) == ref.tokenizer.decode(ids[0])
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ref.tokenizer.batch_decode(
+        ids, skip_special_tokens=True)
+    extra = [151667, 151668, 151657, 151658]  # <think></think><tool_call></tool_call>
+    assert processor.decode(extra, skip_special_tokens=True) == ref.tokenizer.decode(extra, skip_special_tokens=True)
+    assert processor.tokenizer.pad_token_id == 151643 and processor.tokenizer.eos_token_id == 151645
+    assert processor.tokenizer.encode("<think>") == [151667]
+
+
+def test_package_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, qwen3vl.processor as p; p.Processor; "
+            "sys.exit(1 if 'transformers' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__))).returncode == 0
+
+
+def test_template_sources(processor_dir, tmp_path):
+    import shutil
+
+    from qwen3vl.processor import Processor
+
+    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    expected = Processor.from_pretrained(processor_dir).apply_chat_template(conv, tokenize=False)
+    for drop in (("chat_template.jinja",), ("chat_template.jinja", "chat_template.json")):
+        folder = tmp_path / "_".join(drop)
+        shutil.copytree(processor_dir, folder)
+        for name in drop:
+            os.remove(folder / name)
+        assert Processor.from_pretrained(str(folder)).apply_chat_template(conv, tokenize=False) == expected
+
+
+def test_batch_feature_and_plain_lists(processor):
+    conv = [user(txt("Hi")), ]
+    out = processor.apply_chat_template(conv)
+    assert out.input_ids is out["input_ids"] and out.input_ids.shape[0] == 1
+    moved = out.to("cpu")
+    assert torch.equal(moved.input_ids, out.input_ids)
+    plain = processor.apply_chat_template(conv, return_tensors=None)
+    assert plain["input_ids"] == out["input_ids"].tolist()
+    ids_only = processor.apply_chat_template(conv, return_dict=False)
+    assert torch.equal(ids_only, out["input_ids"])
+    with pytest.raises(ValueError):
+        processor.apply_chat_template([[user(txt("a"))], [user(txt("much longer text here"))]], padding=False)
+
+
+def test_continue_final_message(processor, ref):
+    conv = [user(txt("Count to three.")), {"role": "assistant", "content": "One, two,"}]
+    ours = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=False,
+                                         continue_final_message=True)
+    theirs = ref.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    assert ours == theirs and ours.endswith("One, two,")
