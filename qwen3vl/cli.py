@@ -1,0 +1,181 @@
+"""Command line: ``qwen3vl chat``, ``qwen3vl serve``, ``qwen3vl bench``.
+
+``qwen3vl chat`` with a PROMPT answers once; without one it opens a multi-turn session on stdin
+(``/image PATH`` and ``/video PATH`` attach media to the next message, ``/reset`` clears the
+conversation, ``/exit`` or Ctrl-D quits). Without ``--model`` it runs on the tiny random-weight
+demo checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: tiny random demo)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_kwargs(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "min_p": args.min_p, "presence_penalty": args.presence_penalty,
+            "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
+    content = [{"type": "image", "image": os.path.abspath(i)} for i in images]
+    content += [{"type": "video", "video": os.path.abspath(v)} for v in videos]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def _answer(llm, history: list[dict], sampling: dict, out) -> str | None:
+    """Stream one reply to ``out``; returns its text, or None after printing an error."""
+    try:
+        result = None
+        for delta in llm.stream_chat(history, **sampling):
+            out.write(delta.text)
+            out.flush()
+            result = delta.result or result
+        out.write("\n")
+        if result is not None and result.finish_reason == "length":
+            print(f"[stopped after {result.usage.completion_tokens} tokens: --max-new-tokens]", file=sys.stderr)
+        return result.text if result else ""
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _repl(llm, args, sampling: dict) -> int:
+    history: list[dict] = []
+    images, videos = list(args.image), list(args.video)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message. /image PATH, /video PATH attach media; /reset clears; /exit or Ctrl-D quits.")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history, images, videos = [], [], []
+            print("[conversation cleared]")
+            continue
+        if line.startswith(("/image ", "/video ")):
+            kind, path = line.split(" ", 1)
+            path = os.path.expanduser(path.strip())
+            if not os.path.isfile(path):
+                print(f"error: no such file: {path}", file=sys.stderr)
+                continue
+            (images if kind == "/image" else videos).append(path)
+            print(f"[{kind[1:]} attached: {path}]")
+            continue
+        if line.startswith("/"):
+            print(f"error: unknown command {line.split()[0]} (use /image, /video, /reset, /exit)", file=sys.stderr)
+            continue
+        history.append(_user_message(line, images, videos))
+        images, videos = [], []
+        reply = _answer(llm, history, sampling, sys.stdout)
+        if reply is None:
+            history.pop()
+        else:
+            history.append({"role": "assistant", "content": reply})
+
+
+def cmd_chat(args) -> int:
+    from .engine.llm import LLM
+
+    for f in args.image + args.video:
+        if not os.path.isfile(f) and not f.startswith(("http://", "https://")):
+            print(f"error: no such file: {f}", file=sys.stderr)
+            return 2
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    if llm.is_demo:
+        print(f"[qwen3vl demo] {_demo_notice()}", file=sys.stderr)
+    sampling = _sampling_kwargs(args)
+    if args.prompt:
+        msg = _user_message(" ".join(args.prompt), args.image, args.video)
+        return 0 if _answer(llm, [msg], sampling, sys.stdout) is not None else 1
+    return _repl(llm, args, sampling)
+
+
+def _demo_notice() -> str:
+    from .demo import DEMO_NOTICE
+
+    return DEMO_NOTICE
+
+
+def cmd_serve(args) -> int:
+    from .server.app import serve
+
+    return serve(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen3vl", description="Run Qwen3-VL models: chat, serve, bench.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat with a model (one-shot with PROMPT, interactive without)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
+    chat.add_argument("--video", action="append", default=[], help="video file or URL")
+    chat.add_argument("--max-model-len", type=int, default=None)
+    chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive session")
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=8)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--allowed-local-media-path", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmark against the reference implementation")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
