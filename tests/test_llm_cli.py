@@ -1,0 +1,146 @@
+"""LLM API (batching, streaming, stops, usage) and the CLI end to end, on the demo checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qwen3vl
+from qwen3vl.engine.request import Request
+from qwen3vl.engine.sampling import SamplingParams
+
+IMAGE_MSG = None
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("qwen3vl_home"))
+    old = os.environ.get("QWEN3VL_HOME")
+    os.environ["QWEN3VL_HOME"] = path
+    yield path
+    if old is None:
+        os.environ.pop("QWEN3VL_HOME")
+    else:
+        os.environ["QWEN3VL_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def llm(home):
+    return qwen3vl.LLM(max_num_seqs=4)
+
+
+def image_message(text="Describe it."):
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 96), (200, 30, 30))
+    return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
+
+
+def test_demo_is_labelled_and_uses_real_tokenizer(llm):
+    assert llm.is_demo
+    with open(os.path.join(llm.path, "DONE")) as f:
+        assert f.read().startswith("real tokenizer")
+
+
+def test_chat_usage_counts_and_greedy_matches_model_generate(llm):
+    msgs = image_message()
+    res = llm.chat(msgs, max_tokens=16, temperature=0)
+    batch = llm.processor.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    n_img = int((batch["input_ids"] == 151655).sum())
+    assert res.usage.prompt_tokens == batch["input_ids"].shape[1]
+    assert res.usage.image_tokens == n_img > 0 and res.usage.video_tokens == 0
+    assert res.usage.completion_tokens == len(res.token_ids) == 16 and res.finish_reason == "length"
+    ids = llm.model.generate(**batch, max_new_tokens=16, do_sample=False)
+    assert ids[0, batch["input_ids"].shape[1]:].tolist() == res.token_ids
+    assert res.text == llm.processor.decode(res.token_ids, skip_special_tokens=True)
+
+
+def test_batched_chat_equals_one_at_a_time(llm):
+    convs = [image_message("one"), [{"role": "user", "content": "two"}], image_message("three four")]
+    together = llm.chat(convs, max_tokens=12, temperature=0)
+    alone = [llm.chat(c, max_tokens=12, temperature=0) for c in convs]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_stream_concatenates_to_chat(llm):
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+    full = llm.chat(msgs, max_tokens=40, temperature=0)
+    deltas = list(llm.stream_chat(msgs, max_tokens=40, temperature=0))
+    assert "".join(d.text for d in deltas) == full.text
+    assert deltas[-1].result.token_ids == full.token_ids and not any(d.finished for d in deltas[:-1])
+
+
+def test_stop_string_and_stop_id(llm):
+    msgs = [{"role": "user", "content": "Count."}]
+    base = llm.chat(msgs, max_tokens=30, temperature=0)
+    stop = base.text[10:14]
+    assert stop and stop not in base.text[:10]
+    cut = llm.chat(msgs, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == base.text[: base.text.index(stop)]
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    by_id = llm.chat(msgs, max_tokens=30, temperature=0, stop_token_ids=[stop_id])
+    assert by_id.finish_reason == "stop" and by_id.token_ids == base.token_ids[: first + 1]
+
+
+def test_seeded_sampling_reproducible(llm):
+    msgs = [{"role": "user", "content": "Random?"}]
+    a = llm.chat(msgs, max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    b = llm.chat(msgs, max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    c = llm.chat(msgs, max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=8)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_streaming_never_splits_a_character(llm):
+    tok = llm.processor.tokenizer
+    text = "naïve 𓀀𓁿 龘𝔘 你好, ok"
+    ids = tok.encode(text)
+    # Rare characters are made of byte tokens that are not valid UTF-8 alone: the split is real.
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    req = Request({"input_ids": torch.tensor([[1, 2]])}, SamplingParams(max_new_tokens=len(ids), stop_token_ids=()),
+                  tok, 151655, 151656)
+    pieces = [req.add_token(i).text for i in ids]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert req.result.finish_reason == "length" and req.result.text == text
+
+
+def test_too_long_prompt_is_a_clear_error(home):
+    small = qwen3vl.LLM(max_model_len=32)
+    with pytest.raises(ValueError, match="maximum model length is 32"):
+        small.chat([{"role": "user", "content": "word " * 50}], max_tokens=4)
+
+
+def run_cli(args, stdin="", home=None):
+    env = dict(os.environ, QWEN3VL_HOME=home)
+    return subprocess.run([sys.executable, "-m", "qwen3vl.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_cli_one_shot(home, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "red.png"
+    Image.new("RGB", (40, 50), (255, 0, 0)).save(img)
+    p = run_cli(["chat", "--max-new-tokens", "8", "--temperature", "0", "--image", str(img), "What", "color?"], home=home)
+    assert p.returncode == 0, p.stderr
+    assert "random weights: output is noise" in p.stderr
+    assert p.stdout.strip()
+    missing = run_cli(["chat", "--image", str(tmp_path / "nope.png"), "hi"], home=home)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_cli_scripted_repl(home, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "blue.png"
+    Image.new("RGB", (40, 50), (0, 0, 255)).save(img)
+    script = f"hello\n/image {img}\nwhat is this?\n/bogus\n/reset\nagain\n"
+    p = run_cli(["chat", "--max-new-tokens", "4", "--temperature", "0"], stdin=script, home=home)
+    assert p.returncode == 0, p.stderr
+    assert f"[image attached: {img}]" in p.stdout and "[conversation cleared]" in p.stdout
+    assert "unknown command /bogus" in p.stderr
+    answers = [line for line in p.stdout.splitlines() if not line.startswith("[")]
+    assert len(answers) == 3  # one reply per question
