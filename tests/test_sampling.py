@@ -375,3 +375,28 @@ def test_sampler_and_stop_checker_together():
                 checker.update(token, "" if token == 0 else f"<{token}>")
     assert [c.num_tokens for c in checkers] == [3, 5]
     assert all(c.finish_reason == "stop" for c in checkers)
+
+
+def test_fast_argmax_matches_torch_argmax_including_ties():
+    from qwen3vl.engine.sampling import fast_argmax
+
+    g = torch.Generator().manual_seed(0)
+    for v in (151936, 1000, 7):
+        x = torch.randn(5, v, generator=g)
+        x[1, :] = 0.0  # all tied: first index
+        x[2, v // 2] = x[2, v - 1] = 100.0  # tie across blocks: the earlier one
+        assert torch.equal(fast_argmax(x), x.argmax(-1))
+
+
+def test_topk_candidate_path_equals_full_sort_path(monkeypatch):
+    import qwen3vl.engine.sampling as sampling
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 5000, generator=g) * 3
+    top_k = torch.tensor([1, 20, 50, 400])
+    cut = torch.tensor([0.2, -1.0, 0.5, 0.05])
+    fast = sampling._top_k_top_p(logits, top_k, cut)
+    monkeypatch.setattr(sampling, "_TOPK_FAST_MAX", 0)
+    full = sampling._top_k_top_p(logits, top_k, cut)
+    assert torch.equal(torch.isinf(fast), torch.isinf(full))
+    torch.testing.assert_close(fast[~torch.isinf(full)], full[~torch.isinf(full)])

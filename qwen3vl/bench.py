@@ -1,0 +1,237 @@
+"""Benchmark harness: qwen3vl against the reference implementation on the same random weights.
+
+    python -m qwen3vl.bench --arch 2B --dtype bfloat16        (also: qwen3vl bench ...)
+
+Builds (once, cached) a random-weight checkpoint of a real architecture in the released layout,
+then runs each implementation in its own subprocess (so peak RSS is its own) and measures: load
+time, vision encode of a 448x448 image, prefill of image + 64 text tokens, time to first token,
+decode tokens/s at batch 1 and batch 8 with a 256-token context. It also measures the machine's
+limits (memory read bandwidth, GEMM GFLOP/s) and prints a table, then ONE JSON line last.
+The reference needs `transformers` (a test dependency); `--skip-reference` runs ours alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ARCH_DIRS = {
+    "2B": "Qwen3-VL-2B-Instruct", "4B": "Qwen3-VL-4B-Instruct", "8B": "Qwen3-VL-8B-Instruct",
+    "32B": "Qwen3-VL-32B-Instruct", "30B-A3B": "Qwen3-VL-30B-A3B-Instruct",
+}
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
+                        "qwen3vl-configs")
+IMAGE_GRID = (1, 28, 28)  # a 448x448 image: 28x28 patches of 16 px, 196 tokens after merging
+
+
+def arch_config(arch: str) -> dict:
+    if arch == "tiny":
+        from .random_checkpoint import TINY_CONFIG
+
+        return TINY_CONFIG
+    path = os.path.join(os.environ.get("QWEN3VL_CONFIGS", FIXTURES), ARCH_DIRS[arch], "config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint(arch: str, dtype: str) -> str:
+    """Random-weight checkpoint of ``arch`` in the released layout, cached on disk."""
+    from .demo import cache_dir
+    from .random_checkpoint import write_random_checkpoint
+
+    path = os.path.join(cache_dir(), f"bench-{arch}-{dtype}")
+    if not os.path.isfile(os.path.join(path, "DONE")):
+        print(f"writing random {arch} checkpoint ({dtype}) to {path} ...", file=sys.stderr)
+        cfg = dict(arch_config(arch))
+        cfg["torch_dtype"] = dtype
+        write_random_checkpoint(path, cfg, seed=0, dtype=getattr(torch, dtype))
+        open(os.path.join(path, "DONE"), "w").close()
+    return path
+
+
+# ---------------------------------------------------------------------- machine limits
+def machine_limits(threads: int) -> dict:
+    torch.set_num_threads(threads)
+    x = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB: far larger than any cache
+    x.sum()
+    t = _best(lambda: x.sum(), 5)
+    bandwidth = x.numel() * 4 / t / 1e9
+    out = {"mem_read_GBps": round(bandwidth, 1)}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        t = _best(lambda: a @ b, 5)
+        out[f"gemm_{name}_GFLOPs"] = round(2 * 2048**3 / t / 1e9, 1)
+    return out
+
+
+def _best(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---------------------------------------------------------------------- worker (one implementation)
+def _inputs(cfg: dict, batch: int, text: int, image: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 150000, (batch, text), generator=g)
+    out = {}
+    if image:
+        n = IMAGE_GRID[1] * IMAGE_GRID[2] // 4
+        vis = torch.tensor([151652] + [151655] * n + [151653]).expand(batch, -1)
+        ids = torch.cat([ids[:, :8], vis, ids[:, 8:]], 1)
+        out["pixel_values"] = torch.randn(batch * IMAGE_GRID[1] * IMAGE_GRID[2], 1536, generator=g)
+        out["image_grid_thw"] = torch.tensor([IMAGE_GRID] * batch)
+    out["input_ids"] = ids
+    out["attention_mask"] = torch.ones_like(ids)
+    return out
+
+
+def _load(impl: str, path: str, dtype: str):
+    if impl == "ours":
+        from .model.qwen3vl import Qwen3VL
+
+        return Qwen3VL.from_pretrained(path, dtype=getattr(torch, dtype), progress=False)
+    import transformers
+
+    return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+
+def _call_kwargs(impl: str, inputs: dict) -> dict:
+    if impl == "ours":
+        return inputs
+    ids = inputs["input_ids"]
+    return dict(inputs, mm_token_type_ids=(ids == 151655).int() + 2 * (ids == 151656).int())
+
+
+def _gen_time(impl, model, inputs, n: int) -> float:
+    kw = dict(_call_kwargs(impl, inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**kw)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == inputs["input_ids"].shape[1] + n
+    return dt
+
+
+def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, context: int) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = _load(impl, path, dtype)
+    res = {"load_s": time.perf_counter() - t0}
+    cfg = arch_config_from(path)
+    visual = model.model.visual
+    img = _inputs(cfg, 1, 64, image=True)
+    with torch.inference_mode():
+        pv, grid = img["pixel_values"].to(getattr(torch, dtype)), img["image_grid_thw"]
+        run = (lambda: visual(pv, grid)) if impl == "ours" else (lambda: visual(pv, grid_thw=grid))
+        run()
+        res["vision_448_s"] = _best(run, 2)
+        kw = dict(_call_kwargs(impl, img), logits_to_keep=1)
+        model(**kw)
+        res["prefill_image_64_s"] = _best(lambda: model(**kw), 2)
+        res["prefill_tokens"] = int(img["input_ids"].shape[1])
+    res["ttft_s"] = min(_gen_time(impl, model, img, 1) for _ in range(2))
+    for b, n in ((1, new_tokens), (8, max(8, new_tokens // 2))):
+        ctx = _inputs(cfg, b, context, image=False, seed=1)
+        t1 = _gen_time(impl, model, ctx, 1)
+        tn = _gen_time(impl, model, ctx, n + 1)
+        res[f"decode_b{b}_tok_s"] = b * n / (tn - t1)
+    res["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return res
+
+
+def arch_config_from(path: str) -> dict:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def weight_bytes_per_token(path: str, dtype: str) -> int:
+    """Bytes of weights one decode step reads: the text decoder + lm_head (one embedding row)."""
+    from .model.qwen3vl import Qwen3VL
+
+    meta = Qwen3VL.from_config(path, device="meta")
+    size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    n = sum(p.numel() for name, p in meta.named_parameters() if not name.startswith("model.visual"))
+    if not meta.config.tie_word_embeddings:
+        n -= meta.model.language_model.embed_tokens.weight.numel()
+    return n * size
+
+
+# ---------------------------------------------------------------------- driver
+def run_worker_subprocess(impl: str, args, path: str) -> dict:
+    cmd = [sys.executable, "-m", "qwen3vl.bench", "--worker", impl, "--ckpt", path, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--context", str(args.context)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{impl} worker failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def report(args, limits: dict, results: dict, bytes_tok: int) -> dict:
+    keys = ["load_s", "vision_448_s", "prefill_image_64_s", "ttft_s", "decode_b1_tok_s", "decode_b8_tok_s",
+            "peak_rss_GB"]
+    impls = list(results)
+    print(f"\nqwen3vl bench: arch={args.arch} dtype={args.dtype} threads={args.threads} "
+          f"context={args.context} new_tokens={args.new_tokens}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
+          + ", ".join(f"{k}={v}" for k, v in limits.items()))
+    head = f"{'metric':<22}" + "".join(f"{i:>14}" for i in impls) + (f"{'ours/ref':>12}" if len(impls) == 2 else "")
+    print(head + "\n" + "-" * len(head))
+    summary = {"arch": args.arch, "dtype": args.dtype, "threads": args.threads, "limits": limits}
+    for k in keys:
+        vals = [results[i][k] for i in impls]
+        line = f"{k:<22}" + "".join(f"{v:>14.3f}" for v in vals)
+        if len(impls) == 2:
+            faster = vals[0] / vals[1] if "tok_s" in k else vals[1] / vals[0]
+            line += f"{faster:>11.2f}x"
+            summary[f"{k}_speedup"] = round(faster, 3)
+        print(line)
+    limit = limits["mem_read_GBps"] * 1e9 / bytes_tok
+    ours = results["ours"]["decode_b1_tok_s"]
+    print(f"decode limit (weights {bytes_tok / 1e9:.2f} GB/token at {limits['mem_read_GBps']} GB/s): "
+          f"{limit:.2f} tok/s; ours at {100 * ours / limit:.0f}% of it")
+    flops = 2 * (bytes_tok / torch.tensor([], dtype=getattr(torch, args.dtype)).element_size())
+    pre = results["ours"]["prefill_image_64_s"]
+    gflops = flops * results["ours"]["prefill_tokens"] / pre / 1e9
+    peak = limits.get(f"gemm_{'bf16' if args.dtype == 'bfloat16' else 'fp32'}_GFLOPs", float("nan"))
+    print(f"prefill (text part only): ~{gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured GEMM peak")
+    summary.update({"results": results, "decode_limit_tok_s": round(limit, 2), "prefill_GFLOPs": round(gflops, 1)})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qwen3vl bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="2B", choices=["tiny", *ARCH_DIRS])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--worker", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.ckpt, args.dtype, args.threads, args.new_tokens, args.context)))
+        return 0
+    path = checkpoint(args.arch, args.dtype)
+    limits = machine_limits(args.threads)
+    results = {"ours": run_worker_subprocess("ours", args, path)}
+    if not args.skip_reference:
+        results["ref"] = run_worker_subprocess("ref", args, path)
+    summary = report(args, limits, results, weight_bytes_per_token(path, args.dtype))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
