@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.ckpt, args.dtype, args.threads, args.new_tokens, args.context)))
         return 0
     path = checkpoint(args.arch, args.dtype)
-    limits = machine_limits(args.threads)
+    # Workers first: a child inherits the parent's peak RSS, and the limits test allocates 1 GiB.
     results = {"ours": run_worker_subprocess("ours", args, path)}
     if not args.skip_reference:
         results["ref"] = run_worker_subprocess("ref", args, path)
+    limits = machine_limits(args.threads)
     summary = report(args, limits, results, weight_bytes_per_token(path, args.dtype))
     print(json.dumps(summary))
     return 0

@@ -87,10 +87,38 @@ def _target_shape(tgt: Target, param_shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+class _Destinations:
+    """Resolves a parameter name of the name table to where its data goes: a plain parameter,
+    or a module that loads (and e.g. quantizes) weights itself via ``load_weight(rows, tensor)``."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+
+    def loader(self, param: str):
+        owner, _, attr = param.rpartition(".")
+        module = self.model.get_submodule(owner)
+        return module if attr == "weight" and hasattr(module, "load_weight") else None
+
+    def shape(self, param: str) -> tuple[int, ...]:
+        loader = self.loader(param)
+        return tuple(loader.logical_shape) if loader is not None else tuple(self.params[param].shape)
+
+    def copy(self, tgt: Target, src: torch.Tensor) -> None:
+        loader = self.loader(tgt.param)
+        if loader is not None:
+            loader.load_weight(tgt.rows, src)
+            return
+        dst = self.params[tgt.param]
+        if tgt.rows is not None:
+            dst = dst[tgt.rows[0] : tgt.rows[1]]
+        dst.copy_(src)
+
+
 def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Released-layout tensor name -> shape for a (possibly meta) model."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return {n: _target_shape(tgt, tuple(params[tgt.param].shape)) for n, tgt in name_table(model.config).items()}
+    dest = _Destinations(model)
+    return {n: _target_shape(tgt, dest.shape(tgt.param)) for n, tgt in name_table(model.config).items()}
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -140,7 +168,7 @@ def _expert_needs_transpose(shape: tuple[int, ...], expected: tuple[int, ...]) -
 def _validate(cfg: Qwen3VLConfig, model, found) -> dict[str, bool]:
     """Check names and shapes; returns, for expert tensors, whether to transpose them."""
     table = name_table(cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    dest = _Destinations(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = sorted(set(table) - set(found))
     unexpected = sorted(set(found) - set(table) - ignorable)
@@ -149,7 +177,7 @@ def _validate(cfg: Qwen3VLConfig, model, found) -> dict[str, bool]:
         tgt = table.get(name)
         if tgt is None:
             continue
-        expected = _target_shape(tgt, tuple(params[tgt.param].shape))
+        expected = _target_shape(tgt, dest.shape(tgt.param))
         if tgt.expert_layout:
             flag = _expert_needs_transpose(shape, expected)
             if flag is None:
@@ -176,7 +204,7 @@ def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = N
     found = _scan(files)
     transpose = _validate(cfg, model, found)
     table = name_table(cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    dest = _Destinations(model)
     total = sum(os.path.getsize(f) for f in files)
     if progress is None:
         progress = total > 256 * 2**20 and os.environ.get("QWEN3VL_NO_PROGRESS") is None
@@ -195,10 +223,7 @@ def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = N
                     src = f.get_tensor(key)
                     if transpose.get(key):
                         src = src.transpose(1, 2)
-                    dst = params[tgt.param]
-                    if tgt.rows is not None:
-                        dst = dst[tgt.rows[0] : tgt.rows[1]]
-                    dst.copy_(src)
+                    dest.copy(tgt, src)
                     if bar is not None:
                         bar.update(src.numel() * src.element_size())
     if bar is not None:

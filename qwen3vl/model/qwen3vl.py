@@ -79,6 +79,7 @@ class Qwen3VL(nn.Module):
         super().__init__()
         self.config = config
         self.generation_config: dict = {}
+        self.quantization: str | None = None
         self.model = nn.Module()
         self.model.visual = VisionEncoder(config.vision)
         self.model.language_model = TextDecoder(config.text)
@@ -88,7 +89,7 @@ class Qwen3VL(nn.Module):
 
     # ----------------------------------------------------------------- construction
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     def materialize(self, device) -> "Qwen3VL":
@@ -123,13 +124,27 @@ class Qwen3VL(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype="auto", device="cpu", progress: bool | None = None) -> "Qwen3VL":
+    def from_pretrained(cls, path: str, dtype="auto", device="cpu", progress: bool | None = None,
+                        quantization: str | None = None, group_size: int = 64) -> "Qwen3VL":
+        """Load a checkpoint folder (or hub id). ``quantization``: None, "int8" or "int4"
+        (weight-only, done while loading; see ``qwen3vl.quant``)."""
         path = resolve_model_path(os.fspath(path))
         config = Qwen3VLConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(config).to(resolve_dtype(dtype, config))
+        if quantization:
+            from ..quant import quantize_modules
+
+            quantize_modules(model, quantization, group_size)
         model.materialize(device)
         load_checkpoint(model, path, progress=progress)
+        if quantization:
+            from ..quant import finalize
+
+            if config.tie_word_embeddings:  # the quantized lm_head gets its own copy of the table
+                model.lm_head.load_weight(None, model.model.language_model.embed_tokens.weight)
+            finalize(model)
+        model.quantization = quantization
         gen = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen):
             with open(gen, encoding="utf-8") as f:
@@ -138,11 +153,11 @@ class Qwen3VL(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.language_model.embed_tokens.weight.dtype
 
     # ----------------------------------------------------------------- forward pieces
     def encode_vision(self, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):

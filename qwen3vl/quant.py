@@ -1,0 +1,120 @@
+"""Weight-only quantization of the text decoder's linear layers, done at load time.
+
+Formats (``quantization=`` on ``from_pretrained`` / ``LLM`` / the CLI and server flags):
+  * ``int8``: symmetric per-output-channel scales; decode uses ``torch._weight_int8pack_mm``
+    (fast only with bfloat16 activations, so activations are cast to bf16 around it).
+  * ``int4``: asymmetric group-wise scales/zeros along the input dimension (group 32-128,
+    default 64); decode uses ``torch._weight_int4pack_mm_for_cpu`` on the packed layout.
+Policy: the decoder's q/k/v, o, gate/up and down projections and the ``lm_head`` are quantized
+(lm_head always int8: it is the largest matrix and the most sensitive to rounding); token
+embeddings (one row read per token) and the whole vision encoder stay in the model dtype.
+Prefill (many rows) dequantizes each matrix to bf16 and uses the GEMM, which is compute-bound
+anyway. Weights are quantized row by row as the checkpoint streams in, so the full-precision
+model never exists in memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_MODES = ("int8", "int4")
+DECODE_ROWS = 8  # up to this many activation rows use the packed matrix-vector kernels
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with int8 or int4 weights; ``load_weight(rows, tensor)`` fills rows as the
+    checkpoint streams in and ``finalize()`` packs them."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 64, device=None):
+        super().__init__()
+        if mode not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {mode!r}; use one of {QUANT_MODES}")
+        if mode == "int4" and (group_size not in (32, 64, 128) or in_features % group_size):
+            raise ValueError(f"int4 group size must be 32, 64 or 128 and divide {in_features}; got {group_size}")
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        n, k = out_features, in_features
+        # int8 values (int8 mode) or 0..15 codes (int4 mode, packed by finalize()).
+        self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8 if mode == "int8" else torch.uint8,
+                                                    device=device))
+        groups = 1 if mode == "int8" else k // group_size
+        self.register_buffer("scales", torch.zeros(n, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(n, groups if mode == "int4" else 0, device=device))
+        self.packed: torch.Tensor | None = None
+        self.scales_and_zeros: torch.Tensor | None = None
+
+    @property
+    def logical_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def load_weight(self, rows: tuple[int, int] | None, w: torch.Tensor) -> None:
+        """Quantize ``w`` (r, K) into rows ``rows`` (all rows when None)."""
+        a, b = rows or (0, self.out_features)
+        w = w.to(self.qweight.device, torch.float32)
+        if self.mode == "int8":
+            scale = w.abs().amax(1).clamp(min=1e-10) / 127  # (r,)
+            self.qweight[a:b] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.scales[a:b, 0] = scale
+            return
+        g = w.view(w.shape[0], -1, self.group_size)  # (r, K/G, G)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo).clamp(min=1e-10) / 15
+        codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        self.qweight[a:b] = codes.view(w.shape[0], -1).to(torch.uint8)
+        self.scales[a:b], self.zeros[a:b] = scale, lo + 8 * scale  # w = (code - 8) * scale + zero
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Build the kernels' layouts once all rows are loaded."""
+        if self.mode == "int8":
+            self.scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
+            return
+        codes = self.qweight
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        self.scales_and_zeros = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        # The kernel's packed layout is opaque; for prefill dequantization keep our own nibble
+        # pairs (even k low, odd k high), half a byte per weight, never read during decode.
+        self.qweight = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2) uint8
+
+    def dequantized(self) -> torch.Tensor:
+        """(N, K) bfloat16 weight (for prefill GEMMs and tests)."""
+        if self.mode == "int8":
+            return self.qweight.to(torch.bfloat16) * self.scales_bf16[:, None]
+        n, k = self.out_features, self.in_features
+        codes = torch.stack((self.qweight & 0xF, self.qweight >> 4), -1).view(n, k // self.group_size, self.group_size)
+        w = (codes.to(torch.bfloat16) - 8) * self.scales.to(torch.bfloat16)[..., None] + self.zeros.to(torch.bfloat16)[..., None]
+        return w.view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        if x2.shape[0] > DECODE_ROWS:
+            y = F.linear(x2, self.dequantized())
+        elif self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales_bf16)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
+    """Swap the decoder's projections (and lm_head, int8) for QuantLinear, before loading."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; use one of {QUANT_MODES}")
+    if model.config.tie_word_embeddings:
+        model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False, device="meta")
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (n == "lm_head" or (n.startswith("model.language_model.layers.")
+                                                                    and not n.endswith("mlp.gate")))]
+    for name, lin in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        m = "int8" if name == "lm_head" else mode
+        setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, m, group_size, device="meta"))
+
+
+def finalize(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.finalize()
