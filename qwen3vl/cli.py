@@ -16,6 +16,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: tiny random demo)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the text decoder, done while loading")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +111,8 @@ def cmd_chat(args) -> int:
         if not os.path.isfile(f) and not f.startswith(("http://", "https://")):
             print(f"error: no such file: {f}", file=sys.stderr)
             return 2
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              quantization=args.quantization, group_size=args.group_size)
     if llm.is_demo:
         print(f"[qwen3vl demo] {_demo_notice()}", file=sys.stderr)
     sampling = _sampling_kwargs(args)

@@ -27,11 +27,13 @@ MEDIA_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels"
 
 class LLM:
     def __init__(self, model: str | None = None, dtype="auto", device="cpu", max_num_seqs: int = 8,
-                 max_model_len: int | None = None, progress: bool | None = None):
+                 max_model_len: int | None = None, progress: bool | None = None, quantization: str | None = None,
+                 group_size: int = 64):
         path = demo_checkpoint() if model is None else resolve_model_path(model)
         self.path = path
         self.is_demo = is_demo(path)
-        self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress)
+        self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress,
+                                             quantization=quantization, group_size=group_size)
         self.processor = Processor.from_pretrained(path)
         self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len)
 
