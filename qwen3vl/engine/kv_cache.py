@@ -23,6 +23,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nkv, S, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(slots, max_len, dtype=torch.bool, device=device)  # (B, S) real token?
+        self.padded = [False] * slots  # host copy: does the slot hold padding (needs a mask)?
         self.max_len = max_len
 
     @property
@@ -40,13 +41,17 @@ class Window:
         self.cache, self.rows, self.start, self.end = cache, rows, start, start + t
         valid = cache.valid[rows]  # (B, S) view
         valid[:, start:self.end] = True if new_valid is None else new_valid
-        self.mask = self._mask(valid[:, : self.end], t)
-
-    def _mask(self, valid: torch.Tensor, t: int) -> torch.Tensor | None:
-        """(B, 1, T, end) bool, or None when plain causal attention is exact (no padding)."""
-        if bool(valid.all()):
-            return None if self.start == 0 or t == 1 else self._causal(valid)
-        return self._causal(valid)
+        slots = range(*rows.indices(len(cache.padded)))
+        if start == 0:  # a new prompt: the slot forgets its previous padding
+            for i in slots:
+                cache.padded[i] = False
+        if new_valid is not None and not bool(new_valid.all()):
+            for i in slots:
+                cache.padded[i] = True
+        padded = any(cache.padded[i] for i in slots)
+        # No padding: plain causal attention (from the first token) or none (one new token) is exact.
+        plain = not padded and (start == 0 or t == 1)
+        self.mask = None if plain else self._causal(valid[:, : self.end])
 
     def _causal(self, valid: torch.Tensor) -> torch.Tensor:
         q = torch.arange(self.start, self.end, device=valid.device)[:, None]  # (T, 1) cache index
@@ -73,6 +78,9 @@ class Scatter:
         b = positions.shape[0]
         self.cache, self.pos, self.end, self.rows = cache, positions, end, torch.arange(b, device=positions.device)
         cache.valid[self.rows, positions] = True
+        if b == 1 and not cache.padded[0]:
+            self.mask = None  # one sequence, no padding: attend to everything written
+            return
         k = torch.arange(end, device=positions.device)[None, :]  # (1, end)
         p = positions[:, None]  # (B, 1)
         self.mask = ((cache.valid[:b, :end] & (k <= p)) | (k == p))[:, None, None, :]  # (B, 1, 1, end)

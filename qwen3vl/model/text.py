@@ -27,10 +27,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, exactly like the reference.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32 and scale in the input dtype, exactly like the reference. ``weight``
+    is (D,) or per head (heads, D)."""
+    if x.dtype == torch.float32 and weight.dim() == 1:  # the fused kernel is bit-identical in fp32
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 @dataclass
@@ -61,10 +68,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, self.nh + 2 * self.nkv, self.hd)
-        q, k, v = qkv.split((self.nh, self.nkv, self.nkv), dim=2)  # (B, T, heads, D)
-        cos, sin = ctx.cos[:, :, None, :], ctx.sin[:, :, None, :]
-        q = apply_rotary(self.q_norm(q), cos, sin).transpose(1, 2)  # (B, nh, T, D)
-        k = apply_rotary(self.k_norm(k), cos, sin).transpose(1, 2)  # (B, nkv, T, D)
+        qk, v = qkv.split((self.nh + self.nkv, self.nkv), dim=2)  # (B, T, nh+nkv, D), (B, T, nkv, D)
+        # q and k heads normalised and rotated in one pass: per head this is exactly q_norm / k_norm
+        # followed by the rotation, with half the kernel launches.
+        qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
+        qk = apply_rotary(qk, ctx.cos[:, :, None, :], ctx.sin[:, :, None, :]).transpose(1, 2)  # (B, nh+nkv, T, D)
+        q, k = qk.split((self.nh, self.nkv), dim=1)
         v = v.transpose(1, 2)  # (B, nkv, T, D)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer, k, v)  # (B, nkv, L, D)
@@ -73,6 +82,11 @@ class Attention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.nkv != self.nh)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+    def _qk_norm_weight(self) -> torch.Tensor:
+        return torch.cat((self.q_norm.weight.expand(self.nh, self.hd),
+                          self.k_norm.weight.expand(self.nkv, self.hd)))  # (nh+nkv, D)
 
 
 class MLP(nn.Module):
@@ -92,9 +106,13 @@ class MLP(nn.Module):
 class SparseMoE(nn.Module):
     """Router -> softmax (float32) -> top-k -> (renormalise) -> SwiGLU experts.
 
-    Expert weights are kept as (E, 2I, H) and (E, H, I) so each expert is a plain ``F.linear``.
-    Tokens are grouped by expert with one sort, so the Python loop runs over the experts that
-    were hit, never over tokens; at decode (one token) only its k experts' weights are read.
+    Expert weights are kept as (E, 2I, H) and (E, H, I) so each expert is a plain ``F.linear``
+    on a view (no copy of expert weights is ever made). Tokens are grouped by expert with one
+    sort, so the Python loop runs over the experts that were hit, never over tokens; a single
+    token (batch-1 decode) skips the sort and reads only its k experts' weights.
+
+    ``norm_topk_prob`` is honoured; the reference renormalises whatever the flag says (every
+    released Qwen3-VL MoE config sets it to true, where the two agree).
     """
 
     def __init__(self, cfg: TextConfig):
@@ -106,31 +124,47 @@ class SparseMoE(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed, for inspection
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, H)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, H) -> weights (N, k) in x.dtype, experts (N, k)."""
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        return weights.to(x.dtype), experts
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of expert ``e``: (n, H) -> (n, H)."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).split(self.intermediate, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, H)
+        weights, experts = self.route(x)  # (N, k)
         flat = experts.reshape(-1)  # (N*k,)
+        self.last_expert_counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
+        if x.shape[0] == 1:
+            return self._one_token(x, weights[0], flat).reshape(shape)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
-        self.last_expert_counts = counts
         token_of = order // self.top_k  # (N*k,) token index for each sorted assignment
+        w_sorted = weights.reshape(-1)[order, None]  # (N*k, 1)
         out = torch.zeros_like(x)
         start = 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(self.last_expert_counts.tolist()):
             if n == 0:
                 continue
-            sel = order[start : start + n]
             tok = token_of[start : start + n]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).split(self.intermediate, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])  # (n, H)
-            out.index_add_(0, tok, y * weights.reshape(-1)[sel, None])
+            out.index_add_(0, tok, self.expert(e, x[tok]) * w_sorted[start : start + n])
             start += n
         return out.reshape(shape)
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x: (1, H), weights/experts: (k,). The k experts in routing order, accumulated in place;
+        one host sync (``tolist``) for the k indices, no sort, no gather of weights."""
+        out = torch.zeros_like(x)
+        for j, e in enumerate(experts.tolist()):
+            out.add_(self.expert(e, x) * weights[j])
+        return out
 
 
 class DecoderLayer(nn.Module):
