@@ -67,12 +67,17 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def finalize(self) -> None:
         """Build the kernels' layouts once all rows are loaded."""
+        # The packed matrix-vector kernels used here are CPU kernels; elsewhere (CUDA: unverified)
+        # every call dequantizes and uses the GEMM.
+        self.packed_kernels = self.qweight.device.type == "cpu"
         if self.mode == "int8":
             self.scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
             return
         codes = self.qweight
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
-        self.scales_and_zeros = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        if self.packed_kernels:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+            self.scales_and_zeros = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(
+                torch.bfloat16)
         # The kernel's packed layout is opaque; for prefill dequantization keep our own nibble
         # pairs (even k low, odd k high), half a byte per weight, never read during decode.
         self.qweight = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2) uint8
@@ -89,7 +94,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        if x2.shape[0] > DECODE_ROWS:
+        if x2.shape[0] > DECODE_ROWS or not self.packed_kernels:
             y = F.linear(x2, self.dequantized())
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales_bf16)

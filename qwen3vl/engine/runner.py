@@ -11,11 +11,19 @@ from .kv_cache import KVCache, Scatter, Window
 
 
 class Runner:
-    def __init__(self, model, slots: int, max_len: int):
+    def __init__(self, model, slots: int, max_len: int, cuda_graphs: bool | None = None):
         self.model = model
         self.decoder = model.model.language_model
         self.slots, self.max_len = slots, max_len
         self.cache = KVCache(model.config.text, slots, max_len, model.dtype, model.device)
+        if cuda_graphs is None:
+            cuda_graphs = model.device.type == "cuda"
+        self.graphs = None
+        if cuda_graphs:
+            from .cuda_graphs import GraphedDecoder
+
+            self.graphs = GraphedDecoder(model, self.cache)
+            self.graphs.warmup()
 
     @torch.inference_mode()
     def prefill(self, slot: int, inputs: dict) -> tuple[torch.Tensor, int]:
@@ -35,6 +43,9 @@ class Runner:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_pos: torch.Tensor, end: int) -> torch.Tensor:
         """Slots 0..B-1 each take one token. tokens, positions (MRoPE), cache_pos: (B,) long;
         end = max(cache_pos) + 1. -> logits (B, V) float32."""
+        if self.graphs is not None:
+            dev = self.model.device
+            return self.graphs.decode(tokens.to(dev), positions.to(dev), cache_pos.to(dev))
         model = self.model
         b = tokens.shape[0]
         device = model.device
