@@ -96,11 +96,11 @@ def _inputs(cfg: dict, batch: int, text: int, image: bool, seed: int = 0) -> dic
     return out
 
 
-def _load(impl: str, path: str, dtype: str):
+def _load(impl: str, path: str, dtype: str, quantization: str | None = None):
     if impl == "ours":
         from .model.qwen3vl import Qwen3VL
 
-        return Qwen3VL.from_pretrained(path, dtype=getattr(torch, dtype), progress=False)
+        return Qwen3VL.from_pretrained(path, dtype=getattr(torch, dtype), progress=False, quantization=quantization)
     import transformers
 
     return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -123,10 +123,11 @@ def _gen_time(impl, model, inputs, n: int) -> float:
     return dt
 
 
-def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, context: int) -> dict:
+def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, context: int,
+           quantization: str | None = None) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = _load(impl, path, dtype)
+    model = _load(impl, path, dtype, quantization)
     res = {"load_s": time.perf_counter() - t0}
     cfg = arch_config_from(path)
     visual = model.model.visual
@@ -155,64 +156,88 @@ def arch_config_from(path: str) -> dict:
         return json.load(f)
 
 
-def weight_bytes_per_token(path: str, dtype: str) -> int:
-    """Bytes of weights one decode step reads: the text decoder + lm_head (one embedding row)."""
+FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64}  # per weight, with scales
+
+
+def weight_bytes_per_token(path: str, fmt: str) -> int:
+    """Bytes of weights one decode step reads: the text decoder + lm_head (one embedding row).
+    Quantized formats keep norms in bf16 (negligible) and the lm_head in int8."""
     from .model.qwen3vl import Qwen3VL
 
     meta = Qwen3VL.from_config(path, device="meta")
-    size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-    n = sum(p.numel() for name, p in meta.named_parameters() if not name.startswith("model.visual"))
-    if not meta.config.tie_word_embeddings:
-        n -= meta.model.language_model.embed_tokens.weight.numel()
-    return n * size
+    text = meta.model.language_model
+    layers = sum(p.numel() for p in text.layers.parameters()) + text.norm.weight.numel()
+    head = meta.lm_head.weight.numel()
+    head_bytes = 1.0 if fmt in ("int8", "int4") else FORMAT_BYTES[fmt]
+    return int(layers * FORMAT_BYTES[fmt] + head * head_bytes)
 
 
 # ---------------------------------------------------------------------- driver
-def run_worker_subprocess(impl: str, args, path: str) -> dict:
-    cmd = [sys.executable, "-m", "qwen3vl.bench", "--worker", impl, "--ckpt", path, "--dtype", args.dtype,
+def run_worker_subprocess(impl: str, args, path: str, fmt: str) -> dict:
+    quant = fmt if fmt in ("int8", "int4") else None
+    dtype = "bfloat16" if quant else fmt
+    cmd = [sys.executable, "-m", "qwen3vl.bench", "--worker", impl, "--ckpt", path, "--dtype", dtype,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--context", str(args.context)]
+    if quant:
+        cmd += ["--quantization", quant]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        raise RuntimeError(f"{impl} worker failed:\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{impl} ({fmt}) worker failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def report(args, limits: dict, results: dict, bytes_tok: int) -> dict:
-    keys = ["load_s", "vision_448_s", "prefill_image_64_s", "ttft_s", "decode_b1_tok_s", "decode_b8_tok_s",
-            "peak_rss_GB"]
-    impls = list(results)
-    print(f"\nqwen3vl bench: arch={args.arch} dtype={args.dtype} threads={args.threads} "
-          f"context={args.context} new_tokens={args.new_tokens}")
+KEYS = ["load_s", "vision_448_s", "prefill_image_64_s", "ttft_s", "decode_b1_tok_s", "decode_b8_tok_s", "peak_rss_GB"]
+
+
+def report(args, limits: dict, results: dict, path: str) -> dict:
+    """Table: one column per run ("ours:<format>", "ref:<dtype>"), speedups vs the reference."""
+    cols = list(results)
+    ref = next((c for c in cols if c.startswith("ref")), None)
+    print(f"\nqwen3vl bench: arch={args.arch} threads={args.threads} context={args.context} "
+          f"new_tokens={args.new_tokens}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
           + ", ".join(f"{k}={v}" for k, v in limits.items()))
-    head = f"{'metric':<22}" + "".join(f"{i:>14}" for i in impls) + (f"{'ours/ref':>12}" if len(impls) == 2 else "")
-    print(head + "\n" + "-" * len(head))
-    summary = {"arch": args.arch, "dtype": args.dtype, "threads": args.threads, "limits": limits}
-    for k in keys:
-        vals = [results[i][k] for i in impls]
-        line = f"{k:<22}" + "".join(f"{v:>14.3f}" for v in vals)
-        if len(impls) == 2:
-            faster = vals[0] / vals[1] if "tok_s" in k else vals[1] / vals[0]
-            line += f"{faster:>11.2f}x"
-            summary[f"{k}_speedup"] = round(faster, 3)
-        print(line)
-    limit = limits["mem_read_GBps"] * 1e9 / bytes_tok
-    ours = results["ours"]["decode_b1_tok_s"]
-    print(f"decode limit (weights {bytes_tok / 1e9:.2f} GB/token at {limits['mem_read_GBps']} GB/s): "
-          f"{limit:.2f} tok/s; ours at {100 * ours / limit:.0f}% of it")
-    flops = 2 * (bytes_tok / torch.tensor([], dtype=getattr(torch, args.dtype)).element_size())
-    pre = results["ours"]["prefill_image_64_s"]
-    gflops = flops * results["ours"]["prefill_tokens"] / pre / 1e9
-    peak = limits.get(f"gemm_{'bf16' if args.dtype == 'bfloat16' else 'fp32'}_GFLOPs", float("nan"))
-    print(f"prefill (text part only): ~{gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f}% of the measured GEMM peak")
-    summary.update({"results": results, "decode_limit_tok_s": round(limit, 2), "prefill_GFLOPs": round(gflops, 1)})
+    print(f"{'metric':<24}" + "".join(f"{c:>16}" for c in cols))
+    print("-" * (24 + 16 * len(cols)))
+    for k in KEYS:
+        print(f"{k:<24}" + "".join(f"{results[c][k]:>16.3f}" for c in cols))
+    summary = {"arch": args.arch, "threads": args.threads, "limits": limits, "runs": {}}
+    peak = {"bfloat16": limits["gemm_bf16_GFLOPs"], "float32": limits["gemm_fp32_GFLOPs"]}
+    for c in cols:
+        fmt = c.split(":", 1)[1]
+        r = results[c]
+        bytes_tok = weight_bytes_per_token(path, fmt)
+        limit = limits["mem_read_GBps"] * 1e9 / bytes_tok
+        flops = 2 * bytes_tok / FORMAT_BYTES[fmt] * r["prefill_tokens"]  # text decoder only
+        gflops = flops / r["prefill_image_64_s"] / 1e9
+        row = dict(r, bytes_per_token=bytes_tok, decode_limit_tok_s=round(limit, 2),
+                   pct_of_bandwidth_limit=round(100 * r["decode_b1_tok_s"] / limit, 1),
+                   prefill_GFLOPs=round(gflops, 1),
+                   pct_of_gemm_peak=round(100 * gflops / peak.get(fmt, peak["bfloat16"]), 1))
+        if ref and c != ref:
+            for k in ("decode_b1_tok_s", "decode_b8_tok_s"):
+                row[k + "_vs_ref"] = round(r[k] / results[ref][k], 2)
+            for k in ("vision_448_s", "prefill_image_64_s", "ttft_s"):
+                row[k + "_vs_ref"] = round(results[ref][k] / r[k], 2)
+        summary["runs"][c] = row
+    print(f"{'weights GB/token':<24}" + "".join(f"{summary['runs'][c]['bytes_per_token'] / 1e9:>16.2f}" for c in cols))
+    for k in ("decode_limit_tok_s", "pct_of_bandwidth_limit", "prefill_GFLOPs", "pct_of_gemm_peak"):
+        print(f"{k:<24}" + "".join(f"{summary['runs'][c][k]:>16}" for c in cols))
+    if ref:
+        for k in ("decode_b1_tok_s_vs_ref", "decode_b8_tok_s_vs_ref", "prefill_image_64_s_vs_ref", "ttft_s_vs_ref",
+                  "vision_448_s_vs_ref"):
+            print(f"{k:<24}" + "".join(f"{summary['runs'][c].get(k, '-'):>16}" for c in cols))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qwen3vl bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="2B", choices=["tiny", *ARCH_DIRS])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="dtype of the checkpoint and of the reference run")
+    ap.add_argument("--formats", default=None,
+                    help="comma-separated formats for qwen3vl: float32,bfloat16,int8,int4 (default: --dtype)")
+    ap.add_argument("--quantization", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--context", type=int, default=256)
@@ -221,15 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.ckpt, args.dtype, args.threads, args.new_tokens, args.context)))
+        print(json.dumps(worker(args.worker, args.ckpt, args.dtype, args.threads, args.new_tokens, args.context,
+                                args.quantization)))
         return 0
     path = checkpoint(args.arch, args.dtype)
+    formats = (args.formats or args.dtype).split(",")
+    bad = [f for f in formats if f not in FORMAT_BYTES]
+    if bad:
+        ap.error(f"unknown format(s) {bad}; choose from {list(FORMAT_BYTES)}")
     # Workers first: a child inherits the parent's peak RSS, and the limits test allocates 1 GiB.
-    results = {"ours": run_worker_subprocess("ours", args, path)}
+    results = {f"ours:{f}": run_worker_subprocess("ours", args, path, f) for f in formats}
     if not args.skip_reference:
-        results["ref"] = run_worker_subprocess("ref", args, path)
+        results[f"ref:{args.dtype}"] = run_worker_subprocess("ref", args, path, args.dtype)
     limits = machine_limits(args.threads)
-    summary = report(args, limits, results, weight_bytes_per_token(path, args.dtype))
+    summary = report(args, limits, results, path)
     print(json.dumps(summary))
     return 0
 

@@ -30,6 +30,8 @@ CASES = {
     "text_only": lambda: batch(Builder(0).text(24)),
     "one_image": lambda: batch(Builder(1).text(5).image(8, 12).text(7)),
     "two_images_different_sizes": lambda: batch(Builder(2).text(3).image(8, 12).text(4).image(12, 6).text(5)),
+    # Same-size images that are not adjacent in the pixel rows take the gather path in attention.
+    "three_images_sizes_a_b_a": lambda: batch(Builder(7).text(2).image(8, 8).text(2).image(4, 12).text(2).image(8, 8)),
     "video_3_slices_plus_image": lambda: batch(Builder(3).text(4).video(3, 8, 8).text(2).image(6, 10).text(3)),
     "left_padded_mixed_batch": lambda: batch(
         Builder(4).text(3).image(8, 12).text(6),

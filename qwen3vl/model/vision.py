@@ -50,13 +50,15 @@ class VisionAttention(nn.Module):
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         out = torch.empty_like(q)
         # Attention never crosses images or video slices. Segments of equal length are batched
-        # into one SDPA call, so a video (all slices equal) or many same-size images cost one call.
-        for length, starts in segments:
-            idx = (starts[:, None] + torch.arange(length, device=x.device)).reshape(-1)
-            qs, ks, vs = (t[idx].view(len(starts), length, self.num_heads, self.head_dim).transpose(1, 2)
+        # into one SDPA call, so a video (all slices equal) or many same-size images cost one call;
+        # when those segments are also adjacent, plain slicing replaces gather/scatter.
+        for length, starts, span in segments:
+            rows = slice(*span) if span is not None else (
+                starts[:, None] + torch.arange(length, device=x.device)).reshape(-1)
+            qs, ks, vs = (t[rows].view(-1, length, self.num_heads, self.head_dim).transpose(1, 2)
                           for t in (q, k, v))  # (S, H, L, D)
             o = F.scaled_dot_product_attention(qs, ks, vs)  # (S, H, L, D)
-            out[idx] = o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
+            out[rows] = o.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
         return self.proj(out.reshape(n, -1))
 
 
@@ -161,7 +163,11 @@ class VisionEncoder(nn.Module):
             for _ in range(t):  # one attention segment per image / per video slice
                 seg[h * w].append(start)
                 start += h * w
-        segments = [(length, torch.tensor(s, device=device)) for length, s in seg.items()]
+        segments = []
+        for length, st in seg.items():
+            adjacent = all(b - a == length for a, b in zip(st, st[1:]))
+            span = (st[0], st[-1] + length) if adjacent else None
+            segments.append((length, torch.tensor(st, device=device), span))
         return torch.cat(pos), torch.cat(rows), torch.cat(cols), segments
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
