@@ -54,6 +54,8 @@ def formats(shapes):
     out = {
         "fp32 F.linear": (lambda w: w, lambda x, w: F.linear(x.float(), w), 4),
         "bf16 F.linear": (lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), 2),
+        "bf16 torch.mv": (lambda w: w.bfloat16(), lambda x, w: torch.mv(w, x[0]), 2),
+        "fp32 torch.mv": (lambda w: w, lambda x, w: torch.mv(w, x[0].float()), 4),
         "bf16 mm (K,N) layout": (lambda w: w.bfloat16().t().contiguous(), lambda x, w: x @ w, 2),
         "int8 _weight_int8pack_mm": (int8, lambda x, p: torch._weight_int8pack_mm(x, p[0], p[1]), 1),
         "int4 _weight_int4pack_mm (g64)": (int4, lambda x, p: torch._weight_int4pack_mm_for_cpu(x, p[0], 64, p[1]),

@@ -59,6 +59,24 @@ TINY_CONFIG = {
     "dtype": "float32",
 }
 
+def _tiny_moe_config() -> dict:
+    """TINY_CONFIG as a mixture-of-experts model. hidden (64) differs from 2 * moe_intermediate
+    (96) and from moe_intermediate (48), so a transposed expert layout cannot load by accident;
+    layer 1 stays dense through ``mlp_only_layers``."""
+    import copy
+
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
+    cfg["model_type"] = "qwen3_vl_moe"
+    cfg["vision_config"]["model_type"] = "qwen3_vl_moe"
+    cfg["text_config"].update(
+        model_type="qwen3_vl_moe_text", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])
+    return cfg
+
+
+TINY_MOE_CONFIG = _tiny_moe_config()
+
 GENERATION_CONFIG = {
     "bos_token_id": 151643,
     "pad_token_id": 151643,

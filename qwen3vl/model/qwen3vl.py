@@ -17,7 +17,7 @@ from ..config import Qwen3VLConfig
 from ..weights import load_checkpoint
 from .positions import PlaceholderMismatch, mrope_positions
 from .rope import TextRope
-from .text import AttnContext, TextDecoder
+from .text import AttnContext, Linear, TextDecoder
 from .vision import VisionEncoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -83,7 +83,7 @@ class Qwen3VL(nn.Module):
         self.model = nn.Module()
         self.model.visual = VisionEncoder(config.vision)
         self.model.language_model = TextDecoder(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.rope = TextRope(config.text.head_dim, config.text.rope_theta, config.text.mrope_section)
         self.tie_weights()
 

@@ -40,6 +40,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose single-row bf16/fp16 products on CPU use ``torch.mv``: its matrix-vector
+    kernel streams the weight ~1.3x faster than the GEMM path (27 vs 21 GB/s measured on a
+    2B-shaped stack), and decode at batch 1 is exactly that: one row against every weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() == x.shape[-1] and x.dtype != torch.float32 and self.bias is None
+                and x.device.type == "cpu"):
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class AttnContext:
     """What every layer's attention needs for one forward call (computed once per call).
@@ -60,8 +72,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
@@ -95,8 +107,8 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -160,11 +172,15 @@ class SparseMoE(nn.Module):
 
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: (1, H), weights/experts: (k,). The k experts in routing order, accumulated in place;
-        one host sync (``tolist``) for the k indices, no sort, no gather of weights."""
-        out = torch.zeros_like(x)
+        one host sync (``tolist``) for the k indices, no sort, no gather (copy) of weights.
+        ``torch.mv`` rather than ``F.linear``: on CPU its bf16 matrix-vector kernel streams these
+        small (6 MB / 3 MB) expert matrices ~1.2-1.4x faster (measured at 30B-A3B shapes)."""
+        v = x[0]  # (H,)
+        out = torch.zeros_like(v)
         for j, e in enumerate(experts.tolist()):
-            out.add_(self.expert(e, x) * weights[j])
-        return out
+            gate, up = torch.mv(self.gate_up_proj[e], v).split(self.intermediate)  # (I,), (I,)
+            out.add_(torch.mv(self.down_proj[e], F.silu(gate) * up) * weights[j])
+        return out[None]  # (1, H)
 
 
 class DecoderLayer(nn.Module):

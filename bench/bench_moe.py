@@ -1,0 +1,224 @@
+"""MoE decode speed at batch 1: ours vs the reference (qwen3_vl_moe), same weights, one run.
+
+The checkpoint is random, in the released layout, bf16, shaped like Qwen3-VL-30B-A3B at full
+width (hidden 2048, 128 experts, moe_intermediate 768, top-8, 32/4 heads of 128, vocab 151936)
+but with fewer decoder layers (default 4) and a vision tower shrunk to depth 2 (text-only
+prompts never run it; it only costs load time). It is written once to
+$QWEN3VL_HOME/bench-moe-L{layers} (default ~/.cache/qwen3vl) and reused.
+
+Decode rate = (N - 1) / (t(N) - t(1)), with t(n) the median wall time of each
+implementation's own ``generate`` for n new greedy tokens after a 64-token prompt (min_new_tokens
+= n, so an end token cannot stop it early). The physical limit is one read of the weights a
+token touches (k experts x 3 matrices per sparse layer, attention, router, lm_head) at the
+memory bandwidth measured here. The MoE blocks are also timed alone (one token through every
+layer's block, same inputs for both), the part of decode this block owns.
+
+At this shape the whole decode is memory-bound and the lm_head (622 MB) alone is over half of
+the bytes, so no MoE kernel can make decode much faster than the reference: the ceiling is
+limit / reference (about 1.5x here), not 3x.
+
+Prints a table, then ONE JSON line. Run alone: timings on a busy machine are meaningless.
+Usage: python bench/bench_moe.py [--layers 4] [--prompt 64] [--new 32] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import qwen3vl  # noqa: E402
+from qwen3vl.random_checkpoint import write_random_checkpoint  # noqa: E402
+
+
+def bench_config(layers: int, vision_depth: int = 2) -> dict:
+    """Qwen3-VL-30B-A3B-Instruct's config.json with fewer layers (released dialect)."""
+    text = {
+        "model_type": "qwen3_vl_moe_text", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        "rope_theta": 5000000, "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "dtype": "bfloat16",
+    }
+    vision = {
+        "model_type": "qwen3_vl_moe", "depth": vision_depth, "hidden_size": 1152, "intermediate_size": 4304,
+        "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "out_hidden_size": 2048, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": list(range(min(3, vision_depth))), "hidden_act": "gelu_pytorch_tanh",
+    }
+    return {"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+            "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653, "tie_word_embeddings": False, "dtype": "bfloat16",
+            "text_config": text, "vision_config": vision}
+
+
+def ensure_checkpoint(layers: int) -> str:
+    home = os.environ.get("QWEN3VL_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3vl")
+    path = os.path.join(home, f"bench-moe-L{layers}")
+    done = os.path.join(path, ".complete")
+    config = bench_config(layers)
+    if os.path.isfile(done) and json.load(open(os.path.join(path, "config.json"))) == config:
+        return path
+    print(f"writing a random bf16 checkpoint to {path} (once) ...", flush=True)
+    # Several shards keep the writer's peak memory near one copy of the weights.
+    write_random_checkpoint(path, config, seed=0, dtype=torch.bfloat16, shards=2 + layers)
+    open(done, "w").close()
+    return path
+
+
+def bytes_per_token(cfg: dict) -> dict:
+    """Bytes of bf16 weights one decode token reads (norms and the embedding row are negligible)."""
+    t = cfg["text_config"]
+    h, i, k, e = t["hidden_size"], t["moe_intermediate_size"], t["num_experts_per_tok"], t["num_experts"]
+    q, kv = t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
+    layers = t["num_hidden_layers"]
+    experts = layers * k * 3 * h * i * 2
+    attention = layers * (2 * q * h + 2 * kv * h) * 2
+    router = layers * e * h * 2
+    lm_head = t["vocab_size"] * h * 2
+    return {"experts": experts, "attention": attention, "router": router, "lm_head": lm_head,
+            "total": experts + attention + router + lm_head}
+
+
+def memory_bandwidth() -> float:
+    """Read bandwidth in bytes/s: the best of a few float32 sums over 1 GiB (a bf16 sum is
+    partly compute-bound here and would understate it)."""
+    big = torch.ones(2**28, dtype=torch.float32)
+    big.sum()
+    best = min(_timed(big.sum) for _ in range(5))
+    return big.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_rate(gen, new: int, repeats: int) -> dict:
+    """gen(n) -> ids. Median t(1) and t(N); decode rate excludes the prefill."""
+    gen(2)  # warm-up: first-call allocations, kernel selection
+    t1 = statistics.median(_timed(lambda: gen(1)) for _ in range(repeats))
+    tn = statistics.median(_timed(lambda: gen(new)) for _ in range(repeats))
+    return {"t1_s": t1, "tN_s": tn, "decode_tok_s": (new - 1) / (tn - t1)}
+
+
+def block_ms(blocks: list, hidden: torch.Tensor) -> float:
+    """Median ms per token of the MoE blocks alone (all layers), one token at a time.
+    hidden: (n, 1, 1, H) inputs, different tokens so different experts are read each time."""
+    def once():
+        for x in hidden:
+            for blk in blocks:
+                blk(x)
+
+    with torch.inference_mode():
+        once()
+        return statistics.median(_timed(once) for _ in range(3)) / hidden.shape[0] * 1e3
+
+
+def block_inputs(hidden_size: int, n: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 1, hidden_size, generator=g).to(torch.bfloat16)  # (n, 1, 1, H)
+
+
+def prompt(length: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 150000, (1, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def run_ours(path: str, inputs: dict, new: int, repeats: int) -> tuple[dict, torch.Tensor]:
+    model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=torch.bfloat16, progress=False)
+
+    def gen(n):
+        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    res = decode_rate(gen, new, repeats)
+    res["moe_block_ms"] = block_ms([layer.mlp for layer in model.model.language_model.layers],
+                                   block_inputs(model.config.text.hidden_size))
+    return res, gen(new)
+
+
+def run_reference(path: str, inputs: dict, new: int, repeats: int) -> tuple[dict, torch.Tensor]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    mm = torch.zeros_like(inputs["input_ids"], dtype=torch.int)  # text only: no image/video tokens
+
+    @torch.no_grad()
+    def gen(n):
+        return model.generate(**inputs, mm_token_type_ids=mm, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    res = decode_rate(gen, new, repeats)
+    res["moe_block_ms"] = block_ms([layer.mlp for layer in model.model.language_model.layers],
+                                   block_inputs(model.config.text_config.hidden_size))
+    return res, gen(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = ensure_checkpoint(args.layers)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    inputs = prompt(args.prompt)
+    load = os.getloadavg()[0]
+    bw = memory_bandwidth()
+    # One model in memory at a time: each is ~6 GB at 4 layers.
+    ours, ours_ids = run_ours(path, inputs, args.new, args.repeats)
+    gc.collect()
+    ref, ref_ids = run_reference(path, inputs, args.new, args.repeats)
+    t = args.prompt
+    same = int((ours_ids[0, t:] == ref_ids[0, t:]).cumprod(0).sum())
+    report(args, cfg, bw, load, ours, ref, same)
+
+
+def report(args, cfg: dict, bw: float, load: float, ours: dict, ref: dict, same: int) -> None:
+    b = bytes_per_token(cfg)
+    limit = bw / b["total"]
+    ratio = ours["decode_tok_s"] / ref["decode_tok_s"]
+    block_ratio = ref["moe_block_ms"] / ours["moe_block_ms"]
+    t = cfg["text_config"]
+    print(f"\nMoE decode, batch 1: {t['num_hidden_layers']} layers x {t['num_experts']} experts "
+          f"(top-{t['num_experts_per_tok']}, H {t['hidden_size']}, I {t['moe_intermediate_size']}), bf16, "
+          f"{args.threads} threads, prompt {args.prompt}, {args.new} new tokens; load avg {load:.2f}")
+    print(f"{'':24s}{'prefill+1 (s)':>14s}{'decode tok/s':>14s}{'ms/token':>10s}")
+    for name, r in (("qwen3vl", ours), ("reference", ref)):
+        print(f"{name:24s}{r['t1_s']:14.3f}{r['decode_tok_s']:14.2f}{1e3 / r['decode_tok_s']:10.1f}")
+    print(f"{'bandwidth limit':24s}{'':14s}{limit:14.2f}{1e3 / limit:10.1f}")
+    print(f"ratio ours/reference: {ratio:.2f}x    ours at {100 * ours['decode_tok_s'] / limit:.0f}% of the limit")
+    expert_limit_ms = b["experts"] / bw * 1e3
+    print(f"MoE blocks alone, ms/token (all layers): ours {ours['moe_block_ms']:.2f}, reference "
+          f"{ref['moe_block_ms']:.2f} ({block_ratio:.2f}x), expert-bytes limit {expert_limit_ms:.2f}")
+    print(f"bytes/token: experts {b['experts'] / 1e6:.0f} MB ({t['num_experts_per_tok']} x 3 x H x I x 2 per "
+          f"sparse layer), attention {b['attention'] / 1e6:.0f} MB, router {b['router'] / 1e6:.1f} MB, "
+          f"lm_head {b['lm_head'] / 1e6:.0f} MB; total {b['total'] / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s measured")
+    print(f"greedy tokens identical for the first {same} of {args.new} (bf16: small drifts may flip a token)")
+    print(json.dumps({
+        "bench": "moe_decode", "layers": t["num_hidden_layers"], "experts": t["num_experts"],
+        "top_k": t["num_experts_per_tok"], "threads": args.threads, "load_avg": round(load, 2),
+        "ours_tok_s": round(ours["decode_tok_s"], 3), "ref_tok_s": round(ref["decode_tok_s"], 3),
+        "ratio": round(ratio, 3), "moe_block_ms": round(ours["moe_block_ms"], 3),
+        "ref_moe_block_ms": round(ref["moe_block_ms"], 3), "moe_block_ratio": round(block_ratio, 3), "limit_tok_s": round(limit, 3), "bandwidth_gb_s": round(bw / 1e9, 2),
+        "expert_bytes_per_token": b["experts"], "bytes_per_token": b["total"],
+        "ours_prefill_s": round(ours["t1_s"], 4), "ref_prefill_s": round(ref["t1_s"], 4),
+        "same_greedy_prefix": same}))
+
+
+if __name__ == "__main__":
+    main()
