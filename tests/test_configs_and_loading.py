@@ -17,6 +17,7 @@ from qwen3vl.weights import WeightsError, checkpoint_shapes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "qwen3vl-configs")
 DENSE = ["Qwen3-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3-VL-8B-Instruct", "Qwen3-VL-32B-Instruct"]
+MOE = ["Qwen3-VL-30B-A3B-Instruct", "Qwen3-VL-235B-A22B-Instruct"]
 
 
 def fixture_dir(name: str) -> str:
@@ -36,7 +37,7 @@ def reference_param_count(path: str) -> int:
     return sum(p.numel() for p in ref.parameters())
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", DENSE + MOE)
 def test_real_config_builds_on_meta_with_reference_shapes(name):
     path = fixture_dir(name)
     model = qwen3vl.Qwen3VL.from_config(path, device="meta")

@@ -4,8 +4,6 @@ the router's bookkeeping (experts touched per token, no per-token Python loop)."
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import pytest
 import torch
@@ -15,13 +13,10 @@ import qwen3vl
 from model_inputs import Builder, batch, mm_token_type_ids
 from qwen3vl.model.text import SparseMoE
 from qwen3vl.random_checkpoint import TINY_MOE_CONFIG, random_tensors, write_checkpoint
-from qwen3vl.weights import checkpoint_shapes
-from test_configs_and_loading import fixture_dir, reference_param_count
-from test_generate_parity import agree_up_to_ties
+from test_generate_parity import assert_greedy_matches_reference
 
 TOL = 1e-5
 NEW = 64
-MOE_CONFIGS = ["Qwen3-VL-30B-A3B-Instruct", "Qwen3-VL-235B-A22B-Instruct"]
 
 
 def moe_config(**text_overrides) -> dict:
@@ -132,30 +127,7 @@ GEN_PROMPTS = {
 
 @pytest.mark.parametrize("case", list(GEN_PROMPTS))
 def test_greedy_generation_matches_reference(models, case):
-    ours_model, ref_model = models
-    inputs = GEN_PROMPTS[case]()
-    ours = ours_model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
-    with torch.no_grad():
-        out = ref_model.generate(**inputs, mm_token_type_ids=mm_token_type_ids(inputs["input_ids"]),
-                                 max_new_tokens=NEW, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-    ref, t = out.sequences, inputs["input_ids"].shape[1]
-    assert ours.shape == ref.shape and torch.equal(ours[:, :t], ref[:, :t])
-    agree_up_to_ties(ours, ref, out.logits, t)
-    assert len(set(ref[0, t:].tolist())) > 5  # not vacuous
-
-
-@pytest.mark.parametrize("name", MOE_CONFIGS)
-def test_real_moe_config_builds_on_meta_with_reference_shapes(name):
-    path = fixture_dir(name)
-    model = qwen3vl.Qwen3VL.from_config(path, device="meta")
-    assert all(p.is_meta for p in model.parameters())
-    with open(os.path.join(path, "weight_shapes.derived.json")) as f:
-        expected = {k: tuple(v) for k, v in json.load(f).items()}
-    assert checkpoint_shapes(model) == expected
-    ours = sum(p.numel() for p in model.parameters())
-    assert ours == sum(torch.Size(s).numel() for s in expected.values())
-    assert ours == reference_param_count(path)
+    assert_greedy_matches_reference(*models, GEN_PROMPTS[case]())
 
 
 def test_decode_touches_exactly_k_experts(models):
