@@ -6,7 +6,6 @@ Rendering follows the reference's semantics: a sandboxed environment with ``trim
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field

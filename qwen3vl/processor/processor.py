@@ -15,7 +15,6 @@ import torch
 
 from . import chat
 from .chat import MediaItem
-from .errors import MediaError
 from .image import VisionParams, preprocess_image
 from .media import load_image, load_video
 from .tokenizer import Tokenizer
