@@ -144,3 +144,29 @@ def test_cli_scripted_repl(home, tmp_path):
     assert "unknown command /bogus" in p.stderr
     answers = [line for line in p.stdout.splitlines() if not line.startswith("[")]
     assert len(answers) == 3  # one reply per question
+
+
+def test_model_generate_stream_concatenates_to_generate(llm):
+    model, proc = llm.model, llm.processor
+    convs = [image_message("stream"), [{"role": "user", "content": "another one"}]]
+    batch_ = proc.apply_chat_template(convs, add_generation_prompt=True, return_tensors="pt")
+    t = batch_["input_ids"].shape[1]
+    ids = model.generate(**batch_, max_new_tokens=24, do_sample=False)
+    pieces = list(model.generate_stream(proc, **batch_, max_new_tokens=24, do_sample=False))
+    for row in range(2):
+        streamed = "".join(p[row] for p in pieces)
+        assert streamed == proc.decode(ids[row, t:], skip_special_tokens=True)
+    single = proc.apply_chat_template(convs[1], add_generation_prompt=True, return_tensors="pt")
+    parts = list(model.generate_stream(proc, **single, max_new_tokens=5, do_sample=False))
+    assert all(isinstance(p, str) for p in parts) and len(parts) == 5
+
+
+def test_cli_bench_runs_on_tiny(home):
+    p = run_cli(["bench", "--arch", "tiny", "--skip-reference", "--new-tokens", "2", "--context", "16",
+                 "--dtype", "float32"], home=home)
+    assert p.returncode == 0, p.stderr
+    import json
+
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["runs"]["ours:float32"]["decode_b1_tok_s"] > 0
+    assert "decode_b1_tok_s" in p.stdout  # the table precedes the JSON line

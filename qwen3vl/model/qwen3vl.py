@@ -241,6 +241,31 @@ class Qwen3VL(nn.Module):
         kwargs.pop("mm_token_type_ids", None)
         return generate(self, batch, resolve_params(self, sampling_params, **kwargs))
 
+    def generate_stream(self, tokenizer, input_ids, attention_mask=None, sampling_params=None, **kwargs):
+        """Like ``generate`` but yields text as it is produced: a str per step for one prompt, a
+        list of str (one per row) for a batch. Pieces never split a UTF-8 character and
+        concatenate to ``tokenizer.decode(new_ids, skip_special_tokens=True)``. ``tokenizer``: a
+        ``Processor`` or its ``.tokenizer``."""
+        from ..engine.generate import MODEL_INPUTS, resolve_params, stream_tokens
+        from ..processor.tokenizer import IncrementalDetokenizer
+
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch.update({k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs})
+        kwargs.pop("mm_token_type_ids", None)
+        params = resolve_params(self, sampling_params, **kwargs)
+        detoks = [IncrementalDetokenizer(tokenizer, skip_special_tokens=True) for _ in range(input_ids.shape[0])]
+        done = [False] * len(detoks)
+        for step in stream_tokens(self, batch, params):
+            pieces = []
+            for i, d in enumerate(detoks):
+                piece = "" if done[i] else d.add(int(step.tokens[i]))
+                if bool(step.finished[i]) and not done[i]:
+                    piece += d.flush()
+                    done[i] = True
+                pieces.append(piece)
+            yield pieces[0] if len(pieces) == 1 else pieces
+
 
 def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
     """valid: (B, T) bool -> (B, 1, T, T) bool: causal, padded keys hidden. A padded query
