@@ -1,0 +1,300 @@
+"""OpenAI wire format: request validation, message conversion and response bodies.
+
+Requests arrive as parsed JSON and are checked here by hand (not with pydantic models) so that every
+rejection names the offending field the way the OpenAI API does (``param``). OpenAI chat messages
+(``image_url`` / ``video_url`` parts) and Qwen-style parts (``{"type": "image", "image": ...}``)
+become the message format of ``qwen3vl.Processor``; every media source passes ``MediaPolicy``
+first, which refuses local files outside ``--allowed-local-media-path``.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..processor.chat import IMAGE_OPTIONS, VIDEO_OPTIONS
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MM_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels")
+# OpenAI / vLLM request field -> SamplingParams field, with the JSON type each must have.
+SAMPLING_FIELDS = {
+    "temperature": ("temperature", "number"), "top_p": ("top_p", "number"), "top_k": ("top_k", "integer"),
+    "min_p": ("min_p", "number"), "presence_penalty": ("presence_penalty", "number"),
+    "frequency_penalty": ("frequency_penalty", "number"), "repetition_penalty": ("repetition_penalty", "number"),
+    "seed": ("seed", "integer"), "min_tokens": ("min_new_tokens", "integer"),
+    "stop_token_ids": ("stop_token_ids", "integer list"),
+}
+MAX_N = 16
+
+
+class ProtocolError(ValueError):
+    """A request the API refuses; becomes an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------- field checks
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(value: Any, kind: str, param: str) -> Any:
+    ok = {"number": _is_number, "integer": _is_int, "boolean": lambda v: isinstance(v, bool),
+          "string": lambda v: isinstance(v, str), "object": lambda v: isinstance(v, dict),
+          "integer list": lambda v: isinstance(v, list) and all(_is_int(i) for i in v)}[kind](value)
+    if not ok:
+        raise ProtocolError(f"'{param}' must be {'an' if kind[0] in 'aeio' else 'a'} {kind}, "
+                            f"got {type(value).__name__}", param)
+    return value
+
+
+def _optional(body: dict, name: str, kind: str) -> Any:
+    value = body.get(name)
+    return None if value is None else _check(value, kind, name)
+
+
+# ---------------------------------------------------------------------------- media policy
+@dataclass
+class MediaPolicy:
+    """Which media sources a request may name: data: and http(s) URLs always, local files only
+    under ``allowed_dir`` (after resolving symlinks and ``..``)."""
+
+    allowed_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.allowed_dir:
+            self.allowed_dir = os.path.realpath(self.allowed_dir)
+
+    def check(self, source: str, param: str) -> str:
+        """The source to hand to the processor (local paths come back resolved)."""
+        if source.startswith(("data:", "http://", "https://")):
+            return source  # remote fetches have the media loader's timeout and size cap
+        scheme = urllib.parse.urlparse(source).scheme
+        if scheme == "file":
+            path = urllib.parse.unquote(urllib.parse.urlparse(source).path)
+        elif len(scheme) > 1:  # (one letter would be a Windows drive)
+            raise ProtocolError(f"unsupported media URL scheme {scheme!r}: use http(s)://, data: or file://", param)
+        else:
+            path = source
+        if not self.allowed_dir:
+            raise ProtocolError("local media paths and file:// URLs are disabled on this server "
+                                "(start it with --allowed-local-media-path DIR)", param, code="local_media_refused")
+        # Relative paths are taken inside the allowed folder; symlinks and '..' are resolved before the check.
+        real = os.path.realpath(os.path.join(self.allowed_dir, path))
+        if os.path.commonpath([real, self.allowed_dir]) != self.allowed_dir:
+            raise ProtocolError(f"local media path {path!r} is outside the allowed media folder", param,
+                                code="local_media_refused")
+        return real
+
+
+# ---------------------------------------------------------------------------- messages
+def _media_options(part: dict, info: dict, allowed: tuple[str, ...], param: str) -> dict:
+    opts = {}
+    for src in (info, part):
+        for k in allowed:
+            if src.get(k) is not None:
+                opts[k] = _check(src[k], "number", f"{param}.{k}")
+    return opts
+
+
+def _media_part(part: dict, kind: str, policy: MediaPolicy, param: str) -> dict:
+    """An image / video part in any accepted form -> {"type": kind, kind: source, **options}."""
+    ptype = part["type"]
+    info: dict = {}
+    if ptype.endswith("_url"):  # OpenAI form: {"type": "image_url", "image_url": {"url": ...}}
+        raw = part.get(ptype)
+        info = raw if isinstance(raw, dict) else {}
+        source = raw.get("url") if isinstance(raw, dict) else raw
+        where = f"{param}.{ptype}.url" if isinstance(raw, dict) else f"{param}.{ptype}"
+    else:  # Qwen form: {"type": "image", "image": ...} (or "url" / "path")
+        key = next((k for k in (kind, "url", "path") if part.get(k) is not None), kind)
+        source, where = part.get(key), f"{param}.{key}"
+    options = _media_options(part, info, IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS, param)
+    if kind == "video" and isinstance(source, list) and source:  # a video given as its frames
+        frames = [policy.check(_check(f, "string", f"{where}[{i}]"), f"{where}[{i}]") for i, f in enumerate(source)]
+        return {"type": "video", "video": frames, **options}
+    if not isinstance(source, str) or not source:
+        raise ProtocolError(f"'{where}' must be a non-empty string (http(s) URL or data: URI)", where)
+    return {"type": kind, kind: policy.check(source, where), **options}
+
+
+def _content_part(part: Any, policy: MediaPolicy, param: str) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise ProtocolError(f"'{param}' must be an object", param)
+    ptype = part.get("type") or next((k for k in ("text", "image", "video") if k in part), None)
+    if ptype == "text":
+        return {"type": "text", "text": _check(part.get("text"), "string", f"{param}.text")}
+    if ptype in ("image_url", "image"):
+        return _media_part({**part, "type": ptype}, "image", policy, param)
+    if ptype in ("video_url", "video"):
+        return _media_part({**part, "type": ptype}, "video", policy, param)
+    raise ProtocolError(f"unsupported content part type {ptype!r} (supported: text, image_url, video_url, "
+                        "image, video)", f"{param}.type")
+
+
+def convert_messages(messages: Any, policy: MediaPolicy) -> list[dict]:
+    """OpenAI / Qwen chat messages -> the processor's message format (validated)."""
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError("'messages' must be a non-empty array", "messages")
+    out = []
+    for i, msg in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"'{param}' must be an object", param)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ProtocolError(f"'{param}.role' must be one of {list(ROLES)}, got {role!r}", f"{param}.role")
+        content = msg.get("content")
+        if content is None and role == "assistant":
+            content = ""  # assistant turns that only carried tool calls
+        if isinstance(content, list):
+            content = [_content_part(p, policy, f"{param}.content[{j}]") for j, p in enumerate(content)]
+        elif not isinstance(content, str):
+            raise ProtocolError(f"'{param}.content' must be a string or an array of content parts", f"{param}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content,
+                    **{k: msg[k] for k in ("tool_calls", "name", "tool_call_id") if msg.get(k) is not None}})
+    return out
+
+
+# ---------------------------------------------------------------------------- request bodies
+@dataclass
+class GenerationRequest:
+    """What both endpoints need once validated."""
+
+    model: str | None
+    sampling: dict                       # SamplingParams overrides
+    max_tokens: int | None               # explicit completion budget, if any
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict] = field(default_factory=list)   # chat
+    prompts: list[str] = field(default_factory=list)     # completions
+    mm_processor_kwargs: dict = field(default_factory=dict)
+    template_kwargs: dict = field(default_factory=dict)
+
+
+def _common(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object", None)
+    if body.get("logprobs") or body.get("top_logprobs") or body.get("echo"):
+        name = next(k for k in ("logprobs", "top_logprobs", "echo") if body.get(k))
+        raise ProtocolError(f"'{name}' is not supported by this server", name)
+    max_tokens = _optional(body, "max_completion_tokens", "integer")
+    if max_tokens is None:
+        max_tokens = _optional(body, "max_tokens", "integer")
+    sampling = {dst: _optional(body, src, kind) for src, (dst, kind) in SAMPLING_FIELDS.items()}
+    if sampling["seed"] is not None and not -2**63 <= sampling["seed"] < 2**64:
+        raise ProtocolError("'seed' must fit in 64 bits", "seed")
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            sampling["stop"] = [s for s in stop if s]
+        elif isinstance(stop, str):
+            sampling["stop"] = [stop] if stop else []
+        else:
+            raise ProtocolError("'stop' must be a string or an array of strings", "stop")
+    if max_tokens is not None:
+        sampling["max_new_tokens"] = max_tokens
+    n = _optional(body, "n", "integer")
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_N:
+        raise ProtocolError(f"'n' must be between 1 and {MAX_N}, got {n}", "n")
+    stream = bool(_optional(body, "stream", "boolean"))
+    options = _optional(body, "stream_options", "object") or {}
+    include_usage = bool(options.get("include_usage")) and stream
+    model = _optional(body, "model", "string")
+    return dict(model=model, sampling={k: v for k, v in sampling.items() if v is not None},
+                max_tokens=max_tokens, n=n, stream=stream, include_usage=include_usage)
+
+
+def parse_chat_request(body: Any, policy: MediaPolicy) -> GenerationRequest:
+    req = GenerationRequest(**_common(body))
+    req.messages = convert_messages(body.get("messages"), policy)
+    mm = _optional(body, "mm_processor_kwargs", "object") or {}
+    for k, v in mm.items():
+        if k not in MM_OPTIONS:
+            raise ProtocolError(f"unknown mm_processor_kwargs key {k!r} (allowed: {list(MM_OPTIONS)})",
+                                f"mm_processor_kwargs.{k}")
+        _check(v, "number", f"mm_processor_kwargs.{k}")
+    req.mm_processor_kwargs = mm
+    kwargs = _optional(body, "chat_template_kwargs", "object") or {}
+    req.template_kwargs = {k: v for k, v in kwargs.items() if k in ("enable_thinking", "add_vision_id")}
+    if body.get("tools") is not None:
+        if not isinstance(body["tools"], list):
+            raise ProtocolError("'tools' must be an array", "tools")
+        req.template_kwargs["tools"] = body["tools"]  # rendered by the chat template; calls come back as text
+    return req
+
+
+def parse_completion_request(body: Any) -> GenerationRequest:
+    req = GenerationRequest(**_common(body))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) and p for p in prompt):
+        raise ProtocolError("'prompt' must be a non-empty string or an array of non-empty strings", "prompt")
+    req.prompts = prompt
+    return req
+
+
+# ---------------------------------------------------------------------------- response bodies
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_body(usages: list) -> dict:
+    """OpenAI usage over the choices of one response (the prompt is counted once per prompt)."""
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return "stop" if reason == "abort" else reason
+
+
+@dataclass
+class ResponseHead:
+    """id / created / model shared by a response and all its stream chunks."""
+
+    id: str
+    model: str
+    object: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list, usage: dict | None, with_usage_key: bool = True) -> dict:
+        out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+               "choices": choices}
+        if with_usage_key:
+            out["usage"] = usage
+        return out
+
+
+def chat_choice(index: int, text: str, reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason(reason)}
+
+
+def chat_chunk_choice(index: int, delta: dict, reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason(reason)}
+
+
+def completion_choice(index: int, text: str, reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
