@@ -170,3 +170,41 @@ def test_cli_bench_runs_on_tiny(home):
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["runs"]["ours:float32"]["decode_b1_tok_s"] > 0
     assert "decode_b1_tok_s" in p.stdout  # the table precedes the JSON line
+
+
+def test_chat_with_video_reports_frames_and_video_tokens(llm, tmp_path):
+    import av
+    import numpy as np
+
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as out:
+        s = out.add_stream("libx264", rate=4)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 30, np.uint8), format="rgb24")
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+    msgs = [{"role": "user", "content": [{"type": "video", "video": path}, {"type": "text", "text": "?"}]}]
+    res = llm.chat(msgs, max_tokens=4, temperature=0, mm_processor_kwargs={"fps": 2})
+    assert res.usage.video_tokens > 0 and res.usage.image_tokens == 0
+    meta = res.metadata["video_metadata"][0]
+    assert len(meta["frames_indices"]) == 4  # 2 s at 2 fps
+    with pytest.raises(ValueError, match="unknown media option"):
+        llm.chat(msgs, max_tokens=2, mm_processor_kwargs={"min_frames": 2})
+
+
+def test_aborting_a_waiting_request_delivers_its_final_delta(home):
+    small = qwen3vl.LLM(max_num_seqs=1)
+    params = small.sampling_params(max_tokens=5, temperature=0)
+    a = small.request([{"role": "user", "content": "first"}], params)
+    b = small.request([{"role": "user", "content": "second"}], params)
+    got = []
+    small.engine.add(a)
+    small.engine.add(b, got.append)
+    small.engine.step()  # a takes the only slot; b waits
+    small.engine.abort(b)
+    small.engine.step()
+    assert got and got[-1].finished and got[-1].result.finish_reason == "abort"
+    assert b.id not in small.engine._listeners
+    small.engine.run_until_done([a])
+    assert a.result.finish_reason == "length"

@@ -19,10 +19,11 @@ from ..demo import demo_checkpoint, is_demo
 from ..model.qwen3vl import Qwen3VL, resolve_model_path
 from ..processor import Processor
 from .engine import Engine
+from .generate import MODEL_INPUTS
 from .request import ChatResult, Delta, Request
 from .sampling import SamplingParams
 
-MEDIA_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames")
+MEDIA_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels")
 
 
 class LLM:
@@ -55,8 +56,10 @@ class LLM:
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt",
                                                     return_metadata=True, **template_kwargs, **options)
-        inputs = {k: v for k, v in inputs.items() if k != "attention_mask" and k != "mm_token_type_ids"}
-        return self.engine.make_request(inputs, params)
+        # The model takes tensors; sampled-frame metadata stays with the request (ChatResult.metadata).
+        model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs and k != "attention_mask"}
+        metadata = {k: v for k, v in inputs.items() if k not in MODEL_INPUTS and k != "mm_token_type_ids"}
+        return self.engine.make_request(model_inputs, params, metadata)
 
     def _split(self, messages, sampling_params, kw):
         batched = bool(messages) and isinstance(messages[0], list)

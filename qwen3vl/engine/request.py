@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from ..processor.tokenizer import IncrementalDetokenizer
 from .sampling import SamplingParams
 from .stopping import StopChecker
@@ -49,7 +47,8 @@ class Delta:
 
 
 class Request:
-    def __init__(self, inputs: dict, params: SamplingParams, tokenizer, image_token_id: int, video_token_id: int):
+    def __init__(self, inputs: dict, params: SamplingParams, tokenizer, image_token_id: int, video_token_id: int,
+                 metadata: dict | None = None):
         self.id = next(_ids)
         self.inputs = inputs  # one prompt: input_ids (1, T), pixel values, grids
         self.params = params
@@ -60,7 +59,7 @@ class Request:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.stop = StopChecker(params)
         self.result: ChatResult | None = None
-        self.metadata = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+        self.metadata = dict(metadata or {})
         # Engine bookkeeping.
         self.slot: int | None = None
         self.cache_len = 0  # tokens in this request's KV slot

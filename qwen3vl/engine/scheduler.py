@@ -26,10 +26,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)
 
+    def drop_aborted_waiting(self) -> list[Request]:
+        """Remove and return waiting requests that were aborted before they started."""
+        gone = [r for r in self.waiting if r.aborted]
+        for r in gone:
+            self.waiting.remove(r)
+        return gone
+
     def admit(self) -> Request | None:
         """Move the next waiting request into the lowest free slot (or None)."""
-        while self.waiting and self.waiting[0].aborted:
-            self.waiting.popleft()
         if not self.waiting or None not in self.slots:
             return None
         req = self.waiting.popleft()

@@ -106,8 +106,6 @@ class Builder:
     def chat(self, greq: GenerationRequest) -> list[Request]:
         first = self.llm.request(greq.messages, self.params(greq, 0), greq.mm_processor_kwargs,
                                  **greq.template_kwargs)
-        # Video sampling metadata is already on the request (.metadata); the model's prepare() takes tensors only.
-        first.inputs.pop("video_metadata", None)
         return self._copies(first, greq)
 
     def completion(self, greq: GenerationRequest) -> list[Request]:
@@ -398,8 +396,7 @@ def _run_engine(engine) -> None:
     that first ran PyTorch ops (here the main thread, which loaded the model) measured ~2x slower per
     decode step (OpenMP thread pools are per calling thread). So HTTP gets the extra thread instead.
     """
-    run = getattr(engine, "run_forever", None) or engine._loop
-    run()
+    engine.run_forever()
 
 
 def serve(args) -> int:
@@ -407,8 +404,7 @@ def serve(args) -> int:
     from ..engine.llm import LLM
 
     print(f"[qwen3vl serve] loading {args.model or 'the tiny demo checkpoint'} ...", file=sys.stderr, flush=True)
-    # Options added to the shared model arguments later (quantization...) pass through when present.
-    extra = {k: getattr(args, k) for k in ("quantization", "group_size") if getattr(args, k, None) is not None}
+    extra = {"quantization": args.quantization, "group_size": args.group_size}
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, **extra)
     if llm.is_demo:
