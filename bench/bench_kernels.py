@@ -5,7 +5,7 @@ token; what matters is how close each kernel gets to that bandwidth on these sha
 per weight format, GB/s of weights streamed and the implied tokens/s for the 2B decoder
 (28 layers + lm_head). Prints a table and ONE JSON line last.
 
-    python bench/bench_kernels.py [--layers 28] [--threads 2]
+    python bench/bench_kernels.py [--layers 28] [--threads 2] [--batch 1] [--only int4]
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from qwen3vl import kernels
 
 # One 2B decoder layer (fused q/k/v, o, fused gate/up, down), as (out, in).
 LAYER = [(4096, 2048), (2048, 2048), (12288, 2048), (2048, 6144)]
@@ -50,6 +52,18 @@ def formats(shapes):
         sz = torch.stack([sc, lo + 8 * sc], -1).transpose(0, 1).contiguous().bfloat16()
         return torch._convert_weight_to_int4pack_for_cpu(q, 2), sz
 
+    def int8_ours(w):
+        q, s = int8(w)
+        return q, s.float().view(-1, 1)
+
+    def int4_ours(w, g=64):
+        n, k = w.shape
+        wg = w.view(n, k // g, g)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        sc = (hi - lo).clamp(min=1e-10) / 15
+        q = torch.round((wg - lo[..., None]) / sc[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+        return (q[:, 0::2] | (q[:, 1::2] << 4)), sc.contiguous(), (lo + 8 * sc).contiguous()
+
     mk = torch.ops.mkldnn if hasattr(torch.ops, "mkldnn") else None
     out = {
         "fp32 F.linear": (lambda w: w, lambda x, w: F.linear(x.float(), w), 4),
@@ -61,6 +75,10 @@ def formats(shapes):
         "int4 _weight_int4pack_mm (g64)": (int4, lambda x, p: torch._weight_int4pack_mm_for_cpu(x, p[0], 64, p[1]),
                                            0.5 + 4 / 64),
     }
+    if kernels.available():
+        out["int8 qwen3vl.kernels"] = (int8_ours, lambda x, p: kernels.int8_gemv(x, *p), 1)
+        out["int4 qwen3vl.kernels (g64)"] = (int4_ours, lambda x, p: kernels.int4_gemv(x, *p, 64), 0.5 + 8 / 64)
+        out["bf16 qwen3vl.kernels"] = (lambda w: w.bfloat16(), kernels.bf16_gemv, 2)
     if mk is not None and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         out["bf16 mkldnn packed"] = (
             lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1),
@@ -73,6 +91,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="")
+    ap.add_argument("--batch", type=int, default=1, help="activation rows (torch.mv rows use the first)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +103,7 @@ def main() -> int:
             continue
         try:
             mats = [prep(torch.randn(s, generator=g) * 0.02) for s in shapes]
-            xs = [torch.randn(1, s[1], generator=g).bfloat16() for s in shapes]
+            xs = [torch.randn(args.batch, s[1], generator=g).bfloat16() for s in shapes]
             t = stream_rate(fn, mats, xs)
         except Exception as e:  # a kernel missing from this build
             print(f"{name}: unavailable ({type(e).__name__}: {e})")
@@ -96,7 +115,7 @@ def main() -> int:
     print(f"{'kernel':<34}{'ms/token':>10}{'GB/s':>8}{'tok/s':>8}")
     for r in rows:
         print(f"{r['format']:<34}{r['ms_per_token']:>10}{r['GBps']:>8}{r['tok_s']:>8}")
-    print(json.dumps({"layers": args.layers, "threads": args.threads, "results": rows}))
+    print(json.dumps({"layers": args.layers, "threads": args.threads, "batch": args.batch, "results": rows}))
     return 0
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 QUANT_MODES = ("int8", "int4")
 DECODE_ROWS = 8  # up to this many activation rows use the packed matrix-vector kernels
 
@@ -70,16 +72,19 @@ class QuantLinear(nn.Module):
         # The packed matrix-vector kernels used here are CPU kernels; elsewhere (CUDA: unverified)
         # every call dequantizes and uses the GEMM.
         self.packed_kernels = self.qweight.device.type == "cpu"
+        # The compiled kernels (qwen3vl.kernels) read qweight/scales/zeros as they are, at about
+        # twice the stock kernels' speed, so the stock kernels' copies are only built without them.
+        self.ext_kernels = self.packed_kernels and kernels.available()
         if self.mode == "int8":
             self.scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
             return
         codes = self.qweight
-        if self.packed_kernels:
+        if self.packed_kernels and not self.ext_kernels:
             self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
             self.scales_and_zeros = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(
                 torch.bfloat16)
-        # The kernel's packed layout is opaque; for prefill dequantization keep our own nibble
-        # pairs (even k low, odd k high), half a byte per weight, never read during decode.
+        # Our own nibble pairs (even k low, odd k high), half a byte per weight: the compiled
+        # kernels' decode layout, and what prefill dequantizes.
         self.qweight = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2) uint8
 
     def dequantized(self) -> torch.Tensor:
@@ -93,13 +98,22 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        if x2.shape[0] > DECODE_ROWS or not self.packed_kernels:
-            y = F.linear(x2, self.dequantized())
-        elif self.mode == "int8":
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales_bf16)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.ext_kernels and x2.shape[0] <= DECODE_ROWS:
+            if x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.to(torch.bfloat16)
+            if self.mode == "int8":
+                y = kernels.int8_gemv(x2, self.qweight, self.scales)
+            else:
+                y = kernels.int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+            x2 = x2.to(torch.bfloat16)
+            if x2.shape[0] > DECODE_ROWS or not self.packed_kernels:
+                y = F.linear(x2, self.dequantized())
+            elif self.mode == "int8":
+                y = torch._weight_int8pack_mm(x2, self.qweight, self.scales_bf16)
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

@@ -1,0 +1,381 @@
+// Matrix-vector kernels for decode (a few activation rows) with AVX-512 (F/BW/VL/BF16).
+//
+// Decode is memory-bound, so every kernel reads each weight byte once per call for all activation
+// rows and keeps the per-row partial sums in registers. Registered as torch.ops.qwen3vl_kernels.*:
+//   int8_gemv(x, qweight (N,K) int8, scales (N,1) f32)                         per-channel int8
+//   int4_gemv(x, qweight (N,K/2) u8, scales, zeros (N,K/G) f32, group_size)   nibble pairs
+//   bf16_gemv(x, weight (N,K) bf16)
+// x is (M, K) float32 or bfloat16; the result is (M, N) in x's dtype, accumulated in fp32.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+using bf16 = c10::BFloat16;
+constexpr int kMaxRows = 8;       // activation rows handled per pass over the weights
+constexpr int64_t kGrain = 32;    // output rows per parallel task, at least
+// A block of R output rows is one contiguous range of R * row_bytes, read as R short streams
+// that the hardware prefetchers keep re-detecting, which leaves the core stalled on DRAM. So each
+// step that consumes one 64-byte line from each of the R rows also prefetches the R lines this
+// far ahead of the block's linear progress, a single sequential stream. 16 KiB measured best of
+// 0-24 KiB (one 12288x2048 matrix, 2 cores: int8 18 -> 29 GB/s, int4 16 -> 34 GB/s, partly L3).
+constexpr int64_t kPrefetch = 16384;
+
+// block: start of the R rows; done: bytes consumed so far in each row.
+template <int R>
+ALWAYS_INLINE void prefetch_block(const void* block, int64_t done) {
+  const char* p = (const char*)block + R * done + kPrefetch;
+  for (int r = 0; r < R; ++r) _mm_prefetch(p + 64 * r, _MM_HINT_T0);
+}
+
+
+ALWAYS_INLINE __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// Activation rows as bf16 for the vdpbf16ps kernels: bf16 input is used as is (exact products);
+// float32 input is split into hi + lo bf16 rows (x ~= hi + lo to ~2^-17), summed in the epilogue.
+struct BF16Rows {
+  int64_t rows;   // M or 2M
+  bool pairs;     // rows 2m, 2m+1 are hi, lo of input row m
+};
+
+BF16Rows bf16_rows(const at::Tensor& x) {
+  const bool pairs = x.scalar_type() == at::kFloat;
+  return {x.size(0) * (pairs ? 2 : 1), pairs};
+}
+
+// Writes bf16 activation row r (of bf16_rows) for input row m into dst[k] for k < K.
+template <typename F>
+void for_each_bf16_row(const at::Tensor& x, F&& f) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<bf16> tmp(K);
+  for (int64_t m = 0; m < M; ++m) {
+    if (x.scalar_type() == at::kBFloat16) {
+      const bf16* src = x.data_ptr<bf16>() + m * K;
+      f(m, src);
+    } else {
+      const float* src = x.data_ptr<float>() + m * K;
+      std::vector<bf16> lo(K);
+      for (int64_t k = 0; k < K; ++k) {
+        tmp[k] = bf16(src[k]);
+        lo[k] = bf16(src[k] - static_cast<float>(tmp[k]));
+      }
+      f(2 * m, tmp.data());
+      f(2 * m + 1, lo.data());
+    }
+  }
+}
+
+// y (rows, N) fp32 partial results -> out (M, N) in x's dtype.
+at::Tensor epilogue(const std::vector<float>& y, const at::Tensor& x, int64_t N, bool pairs) {
+  const int64_t M = x.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = y.data() + (pairs ? 2 * m : m) * N;
+    const float* b = a + N;
+    if (x.scalar_type() == at::kFloat) {
+      float* o = out.data_ptr<float>() + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = pairs ? a[n] + b[n] : a[n];
+    } else {
+      bf16* o = out.data_ptr<bf16>() + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = bf16(pairs ? a[n] + b[n] : a[n]);
+    }
+  }
+  return out;
+}
+
+// Runs rows(lo, hi, row_offset, row_count) over chunks of <= kMaxRows activation rows and,
+// within each, over output rows in parallel.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t N, F&& f) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int64_t mb = std::min<int64_t>(kMaxRows, rows - r0);
+    at::parallel_for(0, N, kGrain, [&](int64_t lo, int64_t hi) { f(lo, hi, r0, mb); });
+  }
+}
+
+#define DISPATCH_ROWS(MB, FN, ...)        \
+  switch (MB) {                           \
+    case 1: FN<1>(__VA_ARGS__); break;    \
+    case 2: FN<2>(__VA_ARGS__); break;    \
+    case 3: FN<3>(__VA_ARGS__); break;    \
+    case 4: FN<4>(__VA_ARGS__); break;    \
+    case 5: FN<5>(__VA_ARGS__); break;    \
+    case 6: FN<6>(__VA_ARGS__); break;    \
+    case 7: FN<7>(__VA_ARGS__); break;    \
+    default: FN<8>(__VA_ARGS__); break;   \
+  }
+
+// ---------------------------------------------------------------------------------------------
+// int8: w[n, k] = scale[n] * q[n, k]. 16 weights -> vpmovsxbd -> vcvtdq2ps -> one FMA per
+// activation row (fp32 activations keep fp32 accuracy).
+
+struct Int8Args {
+  const int8_t* q;
+  const float* scales;
+  const float* x;   // (rows, Kp) fp32, zero padded
+  float* y;         // (rows, N)
+  int64_t N, K, Kp;
+};
+
+template <int MB, int R>
+ALWAYS_INLINE void int8_block(const Int8Args& a, int64_t n0) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int8_t* q = a.q + n0 * a.K;
+  int64_t k = 0;
+  for (; k + 64 <= a.K; k += 64) {
+    prefetch_block<R>(q, k);
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < 64; c += 16) {
+        const __m512 w =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + r * a.K + k + c))));
+        for (int m = 0; m < MB; ++m)
+          acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + m * a.Kp + k + c), acc[r][m]);
+      }
+    }
+  }
+  for (; k + 16 <= a.K; k += 16) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + r * a.K + k))));
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + m * a.Kp + k), acc[r][m]);
+    }
+  }
+  if (k < a.K) {
+    const __mmask16 tail = (__mmask16)((1u << (a.K - k)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, q + r * a.K + k)));
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + m * a.Kp + k), acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) a.y[m * a.N + n0 + r] = a.scales[n0 + r] * _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int MB>
+void int8_rows(const Int8Args& a, int64_t lo, int64_t hi) {
+  // Enough independent FMA chains to cover latency, few enough accumulators for 32 registers.
+  constexpr int R = MB <= 2 ? 8 : MB <= 4 ? 4 : 2;
+  int64_t n = lo;
+  for (; n + R <= hi; n += R) int8_block<MB, R>(a, n);
+  for (; n < hi; ++n) int8_block<MB, 1>(a, n);
+}
+
+at::Tensor int8_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int8_gemv: x must be (M, K) float32 or bfloat16");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+              qweight.size(1) == x.size(1), "int8_gemv: qweight must be contiguous (N, K) int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qweight.size(0),
+              "int8_gemv: scales must be N contiguous float32");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), Kp = (K + 15) / 16 * 16;
+  std::vector<float> xf(M * Kp, 0.f), y(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      xf[m * Kp + k] = x.scalar_type() == at::kFloat ? x.data_ptr<float>()[m * K + k]
+                                                     : static_cast<float>(x.data_ptr<bf16>()[m * K + k]);
+  parallel_rows(M, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
+    const Int8Args a{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), xf.data() + r0 * Kp, y.data() + r0 * N,
+                     N, K, Kp};
+    DISPATCH_ROWS(mb, int8_rows, a, lo, hi);
+  });
+  return epilogue(y, x, N, false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// int4: w[n, k] = (code - 8) * scale[n, g] + zero[n, g], codes as nibble pairs (even k low).
+// A 64-byte load holds 128 codes; 16-bit lane j holds k = 4j + t in nibble t. OR-ing a nibble
+// into 0x4300 makes the bf16 number 128 + code exactly, so vdpbf16ps gives
+// D_g = sum_k x (128 + code) per fp32 lane, and per group
+//   sum_k x w = scale * D_g + sum_g(x) * (zero - 136 * scale).
+// Activations are permuted to match (block of 128: 32 lanes for t = 0, then t = 1, 2, 3).
+// fp32 lane i of a block covers k in [8i, 8i + 8), i.e. group 8i / G of the block.
+
+struct Int4Args {
+  const uint8_t* q;
+  const float* scales;
+  const float* zeros;
+  const bf16* x;    // (rows, Kp) permuted, zero padded
+  const float* sx;  // (rows, groups) sums of x per group
+  float* y;         // (rows, N)
+  int64_t N, K, Kp, G, groups;
+};
+
+template <int MB, int R, bool TAIL>
+ALWAYS_INLINE void int4_step(const Int4Args& a, int64_t n0, int64_t b, __m512 (&tot)[R][MB], __mmask64 bmask,
+                             __mmask16 gmask, __m512i gidx) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  const int64_t gpb = 128 / a.G;  // groups per block
+  if (!TAIL) prefetch_block<R>(a.q + n0 * (a.K / 2), b * 64);
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* p = a.q + (n0 + r) * (a.K / 2) + b * 64;
+    const __m512i v = TAIL ? _mm512_maskz_loadu_epi8(bmask, p) : _mm512_loadu_si512(p);
+    // (A & B) | C  -> ternary-logic immediate 0xEA
+    const __m512i w0 = _mm512_ternarylogic_epi32(v, low4, bias, 0xEA);
+    const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, bias, 0xEA);
+    const __m512i w2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, bias, 0xEA);
+    const __m512i w3 = _mm512_or_si512(_mm512_srli_epi16(v, 12), bias);
+    const float* sp = a.scales + (n0 + r) * a.groups + b * gpb;
+    const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, sp));
+    for (int m = 0; m < MB; ++m) {
+      const bf16* xp = a.x + m * a.Kp + b * 128;
+      __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(w0), as_bh(_mm512_loadu_si512(xp)));
+      d = _mm512_dpbf16_ps(d, as_bh(w1), as_bh(_mm512_loadu_si512(xp + 32)));
+      d = _mm512_dpbf16_ps(d, as_bh(w2), as_bh(_mm512_loadu_si512(xp + 64)));
+      d = _mm512_dpbf16_ps(d, as_bh(w3), as_bh(_mm512_loadu_si512(xp + 96)));
+      tot[r][m] = _mm512_fmadd_ps(d, sv, tot[r][m]);
+    }
+  }
+}
+
+template <int MB, int R>
+ALWAYS_INLINE void int4_block(const Int4Args& a, int64_t n0, __m512i gidx) {
+  __m512 tot[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
+  const int64_t full = a.K / 128, tail = a.K % 128;
+  const __mmask16 gmask = (__mmask16)((1u << (128 / a.G)) - 1);
+  for (int64_t b = 0; b < full; ++b) int4_step<MB, R, false>(a, n0, b, tot, ~0ull, gmask, gidx);
+  if (tail)
+    int4_step<MB, R, true>(a, n0, full, tot, (1ull << (tail / 2)) - 1, (__mmask16)((1u << (tail / a.G)) - 1), gidx);
+  // Zero-point term: sum_g sx[g] * (zero[g] - 136 * scale[g]).
+  const __m512 c136 = _mm512_set1_ps(136.f);
+  for (int r = 0; r < R; ++r) {
+    const float* s = a.scales + (n0 + r) * a.groups;
+    const float* z = a.zeros + (n0 + r) * a.groups;
+    __m512 zc[MB];
+    for (int m = 0; m < MB; ++m) zc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < a.groups; g += 16) {
+      const __mmask16 gm = a.groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.groups - g)) - 1);
+      const __m512 c = _mm512_fnmadd_ps(c136, _mm512_maskz_loadu_ps(gm, s + g), _mm512_maskz_loadu_ps(gm, z + g));
+      for (int m = 0; m < MB; ++m) zc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(gm, a.sx + m * a.groups + g), c, zc[m]);
+    }
+    for (int m = 0; m < MB; ++m) a.y[m * a.N + n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(tot[r][m], zc[m]));
+  }
+}
+
+template <int MB>
+void int4_rows(const Int4Args& a, int64_t lo, int64_t hi, __m512i gidx) {
+  constexpr int R = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+  int64_t n = lo;
+  for (; n + R <= hi; n += R) int4_block<MB, R>(a, n, gidx);
+  for (; n < hi; ++n) int4_block<MB, 1>(a, n, gidx);
+}
+
+at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& zeros, int64_t group_size) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int4_gemv: x must be (M, K) float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = group_size;
+  TORCH_CHECK(G == 32 || G == 64 || G == 128, "int4_gemv: group_size must be 32, 64 or 128");
+  TORCH_CHECK(K % G == 0, "int4_gemv: group_size must divide K");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
+              qweight.size(1) * 2 == K, "int4_gemv: qweight must be contiguous (N, K/2) uint8");
+  const int64_t groups = K / G;
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == groups, "int4_gemv: scales and zeros must be contiguous (N, K/G) float32");
+  const BF16Rows rows = bf16_rows(x);
+  const int64_t Kp = (K + 127) / 128 * 128;
+  std::vector<bf16> xp(rows.rows * Kp, bf16(0.f));
+  std::vector<float> sx(rows.rows * groups, 0.f), y(rows.rows * N);
+  for_each_bf16_row(x, [&](int64_t r, const bf16* src) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t b = k / 128, j = (k % 128) / 4, t = k % 4;
+      xp[r * Kp + b * 128 + t * 32 + j] = src[k];
+      sx[r * groups + k / G] += static_cast<float>(src[k]);
+    }
+  });
+  alignas(64) int32_t idx[16];
+  for (int i = 0; i < 16; ++i) idx[i] = 8 * i / (int)G;
+  const __m512i gidx = _mm512_load_si512(idx);
+  parallel_rows(rows.rows, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
+    const Int4Args a{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
+                     xp.data() + r0 * Kp, sx.data() + r0 * groups, y.data() + r0 * N, N, K, Kp, G, groups};
+    DISPATCH_ROWS(mb, int4_rows, a, lo, hi, gidx);
+  });
+  return epilogue(y, x, N, rows.pairs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16: 32 weights per load, one vdpbf16ps per activation row.
+
+struct BF16Args {
+  const bf16* w;
+  const bf16* x;  // (rows, Kp) zero padded
+  float* y;       // (rows, N)
+  int64_t N, K, Kp;
+};
+
+template <int MB, int R>
+ALWAYS_INLINE void bf16_block(const BF16Args& a, int64_t n0) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  const bf16* w = a.w + n0 * a.K;
+  int64_t k = 0;
+  for (; k + 32 <= a.K; k += 32) {
+    prefetch_block<R>(w, 2 * k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_loadu_si512(w + r * a.K + k);
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], as_bh(v), as_bh(_mm512_loadu_si512(a.x + m * a.Kp + k)));
+    }
+  }
+  if (k < a.K) {
+    const __mmask32 tail = (__mmask32)((1ull << (a.K - k)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_maskz_loadu_epi16(tail, w + r * a.K + k);
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], as_bh(v), as_bh(_mm512_loadu_si512(a.x + m * a.Kp + k)));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) a.y[m * a.N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int MB>
+void bf16_rows_kernel(const BF16Args& a, int64_t lo, int64_t hi) {
+  constexpr int R = MB <= 2 ? 8 : MB <= 4 ? 4 : 2;
+  int64_t n = lo;
+  for (; n + R <= hi; n += R) bf16_block<MB, R>(a, n);
+  for (; n < hi; ++n) bf16_block<MB, 1>(a, n);
+}
+
+at::Tensor bf16_gemv(const at::Tensor& x_, const at::Tensor& weight) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "bf16_gemv: x must be (M, K) float32 or bfloat16");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+              weight.size(1) == x.size(1), "bf16_gemv: weight must be contiguous (N, K) bfloat16");
+  const int64_t K = x.size(1), N = weight.size(0), Kp = (K + 31) / 32 * 32;
+  const BF16Rows rows = bf16_rows(x);
+  std::vector<bf16> xb(rows.rows * Kp, bf16(0.f));
+  std::vector<float> y(rows.rows * N);
+  for_each_bf16_row(x, [&](int64_t r, const bf16* src) { std::copy(src, src + K, xb.data() + r * Kp); });
+  parallel_rows(rows.rows, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
+    const BF16Args a{weight.data_ptr<bf16>(), xb.data() + r0 * Kp, y.data() + r0 * N, N, K, Kp};
+    DISPATCH_ROWS(mb, bf16_rows_kernel, a, lo, hi);
+  });
+  return epilogue(y, x, N, rows.pairs);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwen3vl_kernels, m) {
+  m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor", &int8_gemv);
+  m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
+  m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
+}

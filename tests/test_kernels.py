@@ -1,0 +1,141 @@
+"""Compiled CPU decode kernels (qwen3vl.kernels): agree with an fp32 dequantization of the same
+weights for 1..8 rows, odd shapes and both activation dtypes; QuantLinear uses them when they
+load and keeps the stock kernels otherwise."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen3vl import kernels
+from qwen3vl.quant import QuantLinear
+
+needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernels: {kernels.unavailable_reason()}")
+
+
+def rel(a, b):
+    return float((a.double() - b).abs().max() / b.abs().max())
+
+
+def quantized(mode, n, k, group=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = QuantLinear(k, n, mode, group)
+    lin.load_weight(None, torch.randn(n, k, generator=g) * 0.02)
+    lin.finalize()
+    return lin
+
+
+def fp32_weight(lin):
+    """The weight the kernels compute with, in float64 (dequantized() rounds it to bf16)."""
+    if lin.mode == "int8":
+        return lin.qweight.double() * lin.scales.double()
+    n, k, gs = lin.out_features, lin.in_features, lin.group_size
+    codes = torch.stack((lin.qweight & 0xF, lin.qweight >> 4), -1).view(n, k // gs, gs).double()
+    return ((codes - 8) * lin.scales.double()[..., None] + lin.zeros.double()[..., None]).view(n, k)
+
+
+def run_kernel(lin, x):
+    if lin.mode == "int8":
+        return kernels.int8_gemv(x, lin.qweight, lin.scales)
+    return kernels.int4_gemv(x, lin.qweight, lin.scales, lin.zeros, lin.group_size)
+
+
+# bf16 results carry bf16 output rounding (2^-9); fp32 results only fp32 accumulation error.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
+# (N, K): N not a multiple of any row unroll; K with tails of every kind the format allows.
+SHAPES = {"int8": [(37, 2000), (101, 96), (13, 7)],
+          "int4": [(37, 2080), (101, 224), (13, 96)]}
+
+
+@needs_ext
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_quantized_gemv_matches_fp32_dequantization(mode, group, dtype, m):
+    for n, k in SHAPES[mode]:
+        if k % group and mode == "int4":
+            continue
+        lin = quantized(mode, n, k, group)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+        y = run_kernel(lin, x)
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert rel(y, x.double() @ fp32_weight(lin).t()) < TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8, 11])
+def test_bf16_gemv(dtype, m):
+    g = torch.Generator().manual_seed(2)
+    for n, k in [(37, 2050), (101, 96), (13, 7)]:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = kernels.bf16_gemv(x, w)
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert rel(y, x.double() @ w.double().t()) < TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quant_linear_uses_the_kernels(mode, monkeypatch):
+    lin = quantized(mode, 96, 256)
+    assert lin.ext_kernels and lin.packed is None  # no stock int4 copy kept
+    calls = []
+    name = f"{mode}_gemv"
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 5, 256)  # 10 rows: prefill path
+    ref = x.double() @ fp32_weight(lin).t()
+    assert rel(lin(x), ref) < 2e-2 and not calls
+    y = lin(x[:1, :4])  # 4 rows: decode path
+    assert calls and y.shape == (1, 4, 96) and rel(y, ref[:1, :4]) < TOL[torch.float32]
+    yb = lin(x[0, :1].bfloat16())
+    assert yb.dtype == torch.bfloat16 and rel(yb, x[0, :1].bfloat16().double() @ fp32_weight(lin).t()) < 5e-3
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quant_linear_without_the_kernels_keeps_stock_path(mode, monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    lin = quantized(mode, 64, 256)
+    assert not lin.ext_kernels and (mode == "int8" or lin.packed is not None)
+    x = torch.randn(3, 256)
+    assert rel(lin(x), x.bfloat16().double() @ lin.dequantized().double().t()) < 2e-2
+
+
+def test_no_ext_env_falls_back(tmp_path):
+    code = ("import torch, qwen3vl.kernels as k; assert not k.available(); print(k.unavailable_reason());"
+            "x = torch.randn(2, 64); w = torch.randn(16, 64).bfloat16();"
+            "assert torch.allclose(k.bf16_gemv(x, w), x @ w.float().t(), atol=1e-4)")
+    env = dict(os.environ, QWEN3VL_NO_EXT="1", QWEN3VL_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "QWEN3VL_NO_EXT=1" in out.stdout and "using stock CPU kernels (QWEN3VL_NO_EXT=1)" in out.stderr
+    assert not os.listdir(tmp_path)  # nothing was built
+
+
+def test_python_fallbacks_match_kernels(monkeypatch):
+    """The pure-PyTorch versions (used without the extension) compute the same thing."""
+    lin8, lin4 = quantized("int8", 24, 96), quantized("int4", 24, 96, 32)
+    x = torch.randn(3, 96)
+    expected = [x.double() @ fp32_weight(lin).t() for lin in (lin8, lin4)]
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert rel(run_kernel(lin8, x), expected[0]) < 1e-5
+    assert rel(run_kernel(lin4, x), expected[1]) < 1e-5
+
+
+def test_cpu_without_avx512_bf16_falls_back(monkeypatch):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: ("Some CPU", "fpu avx2 avx512f"))
+    assert kernels._build() == "CPU lacks avx512bw, avx512vl, avx512_bf16"
+
+
+def test_build_dir_depends_on_cpu_and_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN3VL_HOME", str(tmp_path))
+    a = kernels._build_dir(b"src", "CPU A", "avx512f avx512_bf16")
+    assert a.startswith(os.path.join(str(tmp_path), "torch_extensions"))
+    assert a == kernels._build_dir(b"src", "CPU A", "avx512f avx512_bf16")
+    assert a != kernels._build_dir(b"src", "CPU A", "avx512f avx512_bf16 amx_tile")
+    assert a != kernels._build_dir(b"src", "CPU B", "avx512f avx512_bf16")
+    assert a != kernels._build_dir(b"src2", "CPU A", "avx512f avx512_bf16")
