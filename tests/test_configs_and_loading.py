@@ -13,7 +13,7 @@ import torch
 import qwen3vl
 from qwen3vl.config import ConfigError, Qwen3VLConfig
 from qwen3vl.random_checkpoint import TINY_CONFIG, random_tensors, write_checkpoint
-from qwen3vl.weights import WeightsError, checkpoint_shapes
+from qwen3vl.weights import WeightsError, checkpoint_shapes, name_table
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "qwen3vl-configs")
 DENSE = ["Qwen3-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3-VL-8B-Instruct", "Qwen3-VL-32B-Instruct"]
@@ -114,6 +114,37 @@ def test_truncated_safetensors(tmp_path, tiny_tensors):
         f.truncate(size // 2)
     with pytest.raises(WeightsError, match=r"cannot read .*model\.safetensors.*truncated"):
         qwen3vl.Qwen3VL.from_pretrained(path)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda b: b[:4], "file shorter than the 8-byte header"),
+    (lambda b: (2**40).to_bytes(8, "little") + b[8:], "header length .* exceeds the file size"),
+    (lambda b: b[:8] + b"{" * 8 + b[16:], "header is not JSON"),
+])
+def test_corrupt_safetensors_header(tmp_path, tiny_tensors, damage, why):
+    path = _write(tmp_path, tiny_tensors)
+    fn = os.path.join(path, "model.safetensors")
+    data = open(fn, "rb").read()
+    open(fn, "wb").write(damage(data))
+    with pytest.raises(WeightsError, match=f"cannot read .*model\\.safetensors: {why}"):
+        qwen3vl.Qwen3VL.from_pretrained(path)
+
+
+def test_loaded_weights_equal_file_tensors(tmp_path, tiny_tensors):
+    """Every parameter read by our safetensors reader equals the safetensors library's tensor
+    (direct reads into parameters, dtype conversion, and fused-row slices)."""
+    from safetensors.torch import load_file
+
+    path = _write(tmp_path, tiny_tensors)
+    ref = load_file(os.path.join(path, "model.safetensors"))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=dtype)
+        params = dict(model.named_parameters())
+        for name, tgt in name_table(model.config).items():
+            p = params[tgt.param]
+            if tgt.rows is not None:
+                p = p[tgt.rows[0] : tgt.rows[1]]
+            assert torch.equal(p, ref[name].to(dtype)), name
 
 
 def test_unknown_model_type_in_checkpoint(tmp_path, tiny_tensors):
