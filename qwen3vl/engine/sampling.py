@@ -150,11 +150,14 @@ def _prompt_mask(prompt_ids: Sequence[Sequence[int] | Tensor], vocab_size: int, 
     return mask
 
 
-def _stop_id_mask(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> Tensor:
-    mask = torch.zeros(len(params), vocab_size, dtype=torch.bool)  # (B, V)
-    for row, p in enumerate(params):
-        mask[row, [i for i in p.stop_token_ids if i < vocab_size]] = True
-    return mask.to(device)
+def _stop_id_columns(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each row's stop ids as column indices (B, W) long, and which to mask (B, W) bool. Padding
+    repeats the row's first id (the same -inf written twice), or is column 0 left unmasked."""
+    rows = [[i for i in p.stop_token_ids if i < vocab_size] for p in params]
+    width = max(1, max(len(r) for r in rows))
+    cols = torch.tensor([r + [r[0] if r else 0] * (width - len(r)) for r in rows], dtype=torch.long)
+    valid = torch.tensor([[bool(r)] * width for r in rows], dtype=torch.bool)
+    return cols.to(device), valid.to(device)
 
 
 @dataclass
@@ -215,7 +218,9 @@ class SamplingState:
         self.frequency_penalty = column("frequency_penalty") if counted else None  # (B,)
         use_min_new = any(p.min_new_tokens > 0 for p in params)
         self.min_new_tokens = column("min_new_tokens", torch.long) if use_min_new else None  # (B,)
-        self.stop_mask = _stop_id_mask(params, self.vocab_size, device) if use_min_new else None  # (B, V) bool
+        # Stop ids blocked until min_new_tokens: a few columns per row, not a (B, V) mask.
+        self.stop_cols, self.stop_valid = (_stop_id_columns(params, self.vocab_size, device) if use_min_new
+                                           else (None, None))  # (B, W)
 
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         self.all_sampled = len(sampled) == len(params)
@@ -311,9 +316,10 @@ def apply_penalties(logits: Tensor, state: SamplingState) -> Tensor:
             out = torch.where(state.prompt_mask | generated, penalized, out)
         if state.presence_penalty is not None:
             out = out - state.frequency_penalty[:, None] * counts - state.presence_penalty[:, None] * generated
-    if state.stop_mask is not None:
-        blocked = state.stop_mask & (state.num_generated < state.min_new_tokens)[:, None]  # (B, V)
-        out = out.masked_fill(blocked, -math.inf)
+    if state.stop_cols is not None:
+        blocked = state.stop_valid & (state.num_generated < state.min_new_tokens)[:, None]  # (B, W)
+        out = out.clone() if out is logits else out
+        out.scatter_(1, state.stop_cols, out.gather(1, state.stop_cols).masked_fill(blocked, -math.inf))
     return out
 
 

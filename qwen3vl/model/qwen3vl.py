@@ -110,7 +110,19 @@ class Qwen3VL(nn.Module):
         if str(device) != "meta":
             model.materialize(device)
             model.init_random()
+            model.select_kernels()
         return model.eval()
+
+    def select_kernels(self) -> None:
+        """Let bf16 CPU linears use the compiled matrix-vector kernels (built now, at load, so the
+        first request does not pay for it; see ``qwen3vl.kernels``)."""
+        from .. import kernels
+
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
+                   and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
+        if linears and kernels.available():
+            for m in linears:
+                m.use_kernels = True
 
     @torch.no_grad()
     def init_random(self, std: float = 0.02, seed: int = 0) -> None:
@@ -145,6 +157,7 @@ class Qwen3VL(nn.Module):
                 model.lm_head.load_weight(None, model.model.language_model.embed_tokens.weight)
             finalize(model)
         model.quantization = quantization
+        model.select_kernels()
         gen = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen):
             with open(gen, encoding="utf-8") as f:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import TextConfig
 from .rope import apply_rotary
 
@@ -41,14 +42,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose single-row bf16/fp16 products on CPU use ``torch.mv``: its matrix-vector
-    kernel streams the weight ~1.3x faster than the GEMM path (27 vs 21 GB/s measured on a
-    2B-shaped stack), and decode at batch 1 is exactly that: one row against every weight."""
+    """nn.Linear with matrix-vector paths for decode on CPU, where a few activation rows meet
+    every weight once and speed is how fast the weight streams from memory: the compiled bf16
+    kernel (``qwen3vl.kernels``) for up to 4 rows, else ``torch.mv`` for one bf16/fp16 row (27
+    vs 21 GB/s for the GEMM path on a 2B-shaped stack). ``use_kernels`` is set at load."""
+
+    use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() == x.shape[-1] and x.dtype != torch.float32 and self.bias is None
-                and x.device.type == "cpu"):
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        rows = x.numel() // x.shape[-1]
+        if rows <= 4 and self.bias is None and x.device.type == "cpu" and x.dtype != torch.float32:
+            if self.use_kernels and x.dtype == torch.bfloat16 and (rows <= 2 or self.in_features >= 256):
+                return kernels.bf16_gemv(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], self.out_features)
+            if rows == 1:
+                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
