@@ -1,10 +1,13 @@
 """Weight-only quantization of the text decoder's linear layers, done at load time.
 
 Formats (``quantization=`` on ``from_pretrained`` / ``LLM`` / the CLI and server flags):
-  * ``int8``: symmetric per-output-channel scales; decode uses ``torch._weight_int8pack_mm``
-    (fast only with bfloat16 activations, so activations are cast to bf16 around it).
+  * ``int8``: symmetric per-output-channel scales.
   * ``int4``: asymmetric group-wise scales/zeros along the input dimension (group 32-128,
-    default 64); decode uses ``torch._weight_int4pack_mm_for_cpu`` on the packed layout.
+    default 64), two codes per byte.
+Decode (up to ``DECODE_ROWS`` activation rows) uses the compiled matrix-vector kernels of
+``qwen3vl.kernels``, which read these layouts as stored; without them (no AVX-512 BF16, no
+compiler, QWEN3VL_NO_EXT=1) it falls back to ``torch._weight_int8pack_mm`` /
+``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (about half the speed).
 Policy: the decoder's q/k/v, o, gate/up and down projections and the ``lm_head`` are quantized
 (lm_head always int8: it is the largest matrix and the most sensitive to rounding); token
 embeddings (one row read per token) and the whole vision encoder stay in the model dtype.
@@ -89,6 +92,10 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """(N, K) bfloat16 weight (for prefill GEMMs and tests)."""
+        if self.ext_kernels:
+            if self.mode == "int8":
+                return kernels.int8_dequant(self.qweight, self.scales)
+            return kernels.int4_dequant(self.qweight, self.scales, self.zeros, self.group_size)
         if self.mode == "int8":
             return self.qweight.to(torch.bfloat16) * self.scales_bf16[:, None]
         n, k = self.out_features, self.in_features

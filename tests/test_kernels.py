@@ -79,6 +79,19 @@ def test_bf16_gemv(dtype, m):
 
 
 @needs_ext
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 128)])
+def test_dequant_kernels_match_fp32_dequantization(mode, group):
+    """The prefill path's bf16 weight is the fp32 dequantization rounded once (within 1 ulp: the
+    kernel folds the -8 offset into the zero point)."""
+    for n, k in [(37, 256), (5, 384)] + ([(3, 70)] if mode == "int8" else []):  # int8: K tail
+        lin = quantized(mode, n, k, group)
+        w = lin.dequantized()
+        assert w.dtype == torch.bfloat16 and w.shape == (n, k)
+        ref = fp32_weight(lin)
+        assert ((w.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-12).all()
+
+
+@needs_ext
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quant_linear_uses_the_kernels(mode, monkeypatch):
     lin = quantized(mode, 96, 256)
@@ -139,3 +152,28 @@ def test_build_dir_depends_on_cpu_and_source(monkeypatch, tmp_path):
     assert a != kernels._build_dir(b"src", "CPU A", "avx512f avx512_bf16 amx_tile")
     assert a != kernels._build_dir(b"src", "CPU B", "avx512f avx512_bf16")
     assert a != kernels._build_dir(b"src2", "CPU A", "avx512f avx512_bf16")
+
+
+@needs_ext
+def test_bf16_decoder_linears_use_the_kernel(tiny_ckpt, monkeypatch):
+    """A bf16 model on CPU routes 1-4 row products of its linears (decoder and lm_head) through
+    bf16_gemv, chosen at load; larger batches and fp32 models keep the stock GEMM."""
+    import qwen3vl
+    from qwen3vl.model.text import Linear
+
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    assert model.lm_head.use_kernels and model.model.language_model.layers[0].self_attn.qkv_proj.use_kernels
+    assert not any(m.use_kernels for m in qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).modules() if isinstance(m, Linear))
+    calls = []
+    real = kernels.bf16_gemv
+    monkeypatch.setattr(kernels, "bf16_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    wide = Linear(512, 96, bias=False).bfloat16().requires_grad_(False)
+    wide.use_kernels = True
+    # Narrow inputs (K < 256: the tiny lm_head) use the kernel for 1-2 rows only, where it wins.
+    for lin, expected in ((model.lm_head, [1, 2]), (wide, [1, 2, 4])):
+        calls.clear()
+        for rows in (1, 2, 4, 5, 9):
+            x = torch.randn(rows, lin.in_features).bfloat16()
+            y = lin(x)
+            assert y.dtype == torch.bfloat16 and rel(y, x.double() @ lin.weight.double().t()) < 5e-3
+        assert calls == expected

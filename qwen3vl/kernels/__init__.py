@@ -14,6 +14,8 @@ Entry points take x (M, K) float32 or bfloat16 and return (M, N) in x's dtype:
   * ``int4_gemv(x, qweight (N, K/2) uint8 nibble pairs, scales, zeros (N, K/G) float32, G)``
     with w = (code - 8) * scale + zero, even k in the low nibble
   * ``bf16_gemv(x, weight (N, K) bfloat16)``
+and, for prefill GEMMs, ``int8_dequant(qweight, scales)`` / ``int4_dequant(qweight, scales,
+zeros, G)`` -> the (N, K) bfloat16 weight (fp32 arithmetic, one rounding).
 Without the extension they fall back to plain PyTorch (dequantize + matmul), for tests.
 """
 from __future__ import annotations
@@ -119,20 +121,40 @@ def unavailable_reason() -> str | None:
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if available():
         return torch.ops.qwen3vl_kernels.int8_gemv(x, qweight, scales)
-    return (x.float() @ (qweight.float() * scales.view(-1, 1)).t()).to(x.dtype)
+    return (x.float() @ _int8_fp32(qweight, scales).t()).to(x.dtype)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               group_size: int) -> torch.Tensor:
     if available():
         return torch.ops.qwen3vl_kernels.int4_gemv(x, qweight, scales, zeros, group_size)
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    codes = torch.stack((qweight & 0xF, qweight >> 4), -1).view(n, k // group_size, group_size).float()
-    w = (codes - 8) * scales[..., None] + zeros[..., None]  # (N, K/G, G)
-    return (x.float() @ w.view(n, k).t()).to(x.dtype)
+    return (x.float() @ _int4_fp32(qweight, scales, zeros, group_size).t()).to(x.dtype)
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if available():
         return torch.ops.qwen3vl_kernels.bf16_gemv(x, weight)
     return (x.float() @ weight.float().t()).to(x.dtype)
+
+
+def int8_dequant(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if available():
+        return torch.ops.qwen3vl_kernels.int8_dequant(qweight, scales)
+    return _int8_fp32(qweight, scales).to(torch.bfloat16)
+
+
+def int4_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    if available():
+        return torch.ops.qwen3vl_kernels.int4_dequant(qweight, scales, zeros, group_size)
+    return _int4_fp32(qweight, scales, zeros, group_size).to(torch.bfloat16)
+
+
+# Plain PyTorch versions of the formats' weights, (N, K) float32: the fallbacks' definition.
+def _int8_fp32(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.view(-1, 1)
+
+
+def _int4_fp32(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    codes = torch.stack((qweight & 0xF, qweight >> 4), -1).view(n, k // group_size, group_size).float()
+    return ((codes - 8) * scales[..., None] + zeros[..., None]).view(n, k)  # (N, K/G, G) -> (N, K)

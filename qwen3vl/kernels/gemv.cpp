@@ -372,10 +372,84 @@ at::Tensor bf16_gemv(const at::Tensor& x_, const at::Tensor& weight) {
   return epilogue(y, x, N, rows.pairs);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dequantization to bf16 for prefill GEMMs (many activation rows: compute-bound, so the weight
+// is expanded once per call and handed to the bf16 GEMM). One fused pass, fp32 arithmetic and a
+// single rounding, ~10x the speed of the equivalent chain of PyTorch elementwise ops.
+
+at::Tensor int8_dequant(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
+              "int8_dequant: qweight must be contiguous (N, K) int8");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
+              "int8_dequant: scales must be (N, 1) float32");
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  bf16* o = out.data_ptr<bf16>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const int8_t* qr = q + n * K;
+      bf16* orow = o + n * K;
+      const __m512 vs = _mm512_set1_ps(sc[n]);
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        const __m512 f = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qr + k)))), vs);
+        _mm256_storeu_si256((__m256i*)(orow + k), (__m256i)_mm512_cvtneps_pbh(f));
+      }
+      for (; k < K; ++k) orow[k] = bf16(static_cast<float>(qr[k]) * sc[n]);
+    }
+  });
+  return out;
+}
+
+at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                        int64_t group_size) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
+              "int4_dequant: qweight must be contiguous (N, K/2) uint8");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = group_size;
+  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "int4_dequant: group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat &&
+              scales.numel() == N * (K / G) && zeros.numel() == N * (K / G) && scales.is_contiguous() &&
+              zeros.is_contiguous(), "int4_dequant: scales/zeros must be (N, K/G) float32");
+  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const float* ze = zeros.data_ptr<float>();
+  bf16* o = out.data_ptr<bf16>();
+  // 16 bytes = 32 codes: byte j holds k = 2j (low nibble) and 2j + 1 (high nibble).
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i mask = _mm512_set1_epi32(0xF);
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const uint8_t* qr = q + n * (K / 2);
+      bf16* orow = o + n * K;
+      for (int64_t g = 0; g < K / G; ++g) {
+        const float s = sc[n * (K / G) + g], z = ze[n * (K / G) + g] - 8.f * s;  // w = code * s + z
+        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qr + k / 2)));
+          const __m512 lo4 = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, mask));
+          const __m512 hi4 = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+          const __m512 a = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo4, first, hi4), vs, vz);
+          const __m512 b = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo4, second, hi4), vs, vz);
+          _mm256_storeu_si256((__m256i*)(orow + k), (__m256i)_mm512_cvtneps_pbh(a));
+          _mm256_storeu_si256((__m256i*)(orow + k + 16), (__m256i)_mm512_cvtneps_pbh(b));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwen3vl_kernels, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor", &int8_gemv);
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
+  m.def("int8_dequant(Tensor qweight, Tensor scales) -> Tensor", &int8_dequant);
+  m.def("int4_dequant(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequant);
 }
