@@ -54,8 +54,14 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def load_weight(self, rows: tuple[int, int] | None, w: torch.Tensor) -> None:
-        """Quantize ``w`` (r, K) into rows ``rows`` (all rows when None)."""
+        """Quantize ``w`` (r, K) into rows ``rows`` (all rows when None), a slice of rows at a time
+        so the fp32 temporaries stay small (the 2B lm_head in fp32 alone would be 1.2 GB) and fast."""
         a, b = rows or (0, self.out_features)
+        step = max(1, 2**16 // self.in_features)  # fp32 temporaries of 256 KB: cache-resident, no page faults
+        for i in range(0, b - a, step):
+            self._quantize_rows(a + i, min(b, a + i + step), w[i : i + step])
+
+    def _quantize_rows(self, a: int, b: int, w: torch.Tensor) -> None:
         w = w.to(self.qweight.device, torch.float32)
         if self.mode == "int8":
             scale = w.abs().amax(1).clamp(min=1e-10) / 127  # (r,)
