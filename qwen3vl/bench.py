@@ -113,14 +113,40 @@ def _call_kwargs(impl: str, inputs: dict) -> dict:
     return dict(inputs, mm_token_type_ids=(ids == 151655).int() + 2 * (ids == 151656).int())
 
 
+class _Clock:
+    """A generate() streamer that notes when each step's tokens arrive (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, ids) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _gen_time(impl, model, inputs, n: int) -> float:
-    kw = dict(_call_kwargs(impl, inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    """Wall time of ``generate`` for exactly n new greedy tokens."""
+    return _generate_timed(impl, model, inputs, n)[0]
+
+
+def _decode_rate(impl, model, inputs, n: int) -> float:
+    """Tokens/s of steps 2..n, timed between the first and last new token, so the prefill (and
+    its run-to-run noise, large next to a few decode steps at batch 8) is not in the figure."""
+    times = _generate_timed(impl, model, inputs, n)[1][1:]  # one per new token
+    return inputs["input_ids"].shape[0] * (len(times) - 1) / (times[-1] - times[0])
+
+
+def _generate_timed(impl, model, inputs, n: int):
+    clock = _Clock()
+    kw = dict(_call_kwargs(impl, inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**kw)
     dt = time.perf_counter() - t0
-    assert out.shape[1] == inputs["input_ids"].shape[1] + n
-    return dt
+    assert out.shape[1] == inputs["input_ids"].shape[1] + n and len(clock.times) == n + 1
+    return dt, clock.times
 
 
 def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, context: int,
@@ -144,9 +170,7 @@ def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, cont
     res["ttft_s"] = min(_gen_time(impl, model, img, 1) for _ in range(2))
     for b, n in ((1, new_tokens), (8, max(8, new_tokens // 2))):
         ctx = _inputs(cfg, b, context, image=False, seed=1)
-        t1 = _gen_time(impl, model, ctx, 1)
-        tn = _gen_time(impl, model, ctx, n + 1)
-        res[f"decode_b{b}_tok_s"] = b * n / (tn - t1)
+        res[f"decode_b{b}_tok_s"] = _decode_rate(impl, model, ctx, n + 1)
     res["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return res
 

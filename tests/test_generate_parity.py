@@ -61,3 +61,29 @@ def assert_greedy_matches_reference(ours_model, ref_model, inputs: dict) -> None
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_greedy_generation_matches_reference(models, case):
     assert_greedy_matches_reference(*models, PROMPTS[case]())
+
+
+def test_streamer_receives_prompt_then_each_step_like_the_reference(models):
+    """generate(streamer=...) follows transformers' protocol: put(prompt ids), put(step tokens)
+    per step, end(); both implementations deliver the same sequence of puts."""
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, ids):
+            self.puts.append(ids.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    inputs = PROMPTS["text"]()
+    ours, ref = models
+    recorded = []
+    for model, extra in ((ours, {}), (ref, {"mm_token_type_ids": mm_token_type_ids(inputs["input_ids"])})):
+        rec = Recorder()
+        out = model.generate(**inputs, **extra, max_new_tokens=5, do_sample=False, streamer=rec)
+        assert rec.ended and rec.puts[0] == inputs["input_ids"][0].tolist()
+        assert sum(rec.puts[1:], []) == out[0, inputs["input_ids"].shape[1]:].tolist()
+        recorded.append(rec.puts)
+    assert recorded[0] == recorded[1]

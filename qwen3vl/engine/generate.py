@@ -92,8 +92,18 @@ def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingPara
         logits = model.lm_head(hidden[:, -1]).float()
 
 
-def generate(model, batch: dict, params: SamplingParams | list[SamplingParams]) -> torch.Tensor:
-    """-> (B, T + new) ids: the prompt followed by the generated tokens (pad after a row's end)."""
-    steps = [s.tokens for s in stream_tokens(model, batch, params)]
+def generate(model, batch: dict, params: SamplingParams | list[SamplingParams], streamer=None) -> torch.Tensor:
+    """-> (B, T + new) ids: the prompt followed by the generated tokens (pad after a row's end).
+    ``streamer``: an object with ``put(ids)`` and ``end()`` as in transformers (``put`` gets the
+    prompt first, then each step's (B,) tokens)."""
     ids = batch["input_ids"].to(model.device)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    steps = []
+    for s in stream_tokens(model, batch, params):
+        steps.append(s.tokens)
+        if streamer is not None:
+            streamer.put(s.tokens.cpu())
+    if streamer is not None:
+        streamer.end()
     return torch.cat([ids, torch.stack(steps, 1)], dim=1) if steps else ids

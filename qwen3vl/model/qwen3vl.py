@@ -246,13 +246,15 @@ class Qwen3VL(nn.Module):
     def generate(self, input_ids, attention_mask=None, sampling_params=None, **kwargs) -> torch.Tensor:
         """Generate with reference semantics: -> (B, T + new) ids, finished rows padded with the
         pad id. Settings (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, penalties,
-        seed, eos_token_id / stop_token_ids, min_new_tokens) default to generation_config.json."""
+        seed, eos_token_id / stop_token_ids, min_new_tokens) default to generation_config.json.
+        ``streamer``: as in transformers, ``put(ids)`` with the prompt, then each step's tokens."""
         from ..engine.generate import MODEL_INPUTS, generate, resolve_params
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         batch.update({k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs})
         kwargs.pop("mm_token_type_ids", None)
-        return generate(self, batch, resolve_params(self, sampling_params, **kwargs))
+        streamer = kwargs.pop("streamer", None)
+        return generate(self, batch, resolve_params(self, sampling_params, **kwargs), streamer)
 
     def generate_stream(self, tokenizer, input_ids, attention_mask=None, sampling_params=None, **kwargs):
         """Like ``generate`` but yields text as it is produced: a str per step for one prompt, a
