@@ -75,20 +75,21 @@ def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingPara
     limits = torch.tensor([p.max_new_tokens for p in rows], device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     pad = pad_id(model)
-    position = prompt.next_position.to(device)  # (B,) MRoPE position of the next token
+    # Generated tokens are text: all three MRoPE rows advance together from each row's next
+    # position, so every step's rotary table is computed up front (one call, not one per step).
+    steps = prompt.next_position.to(device)[:, None] + torch.arange(max_new, device=device)  # (B, new)
+    cos_all, sin_all = model.rope(steps[None].expand(3, b, max_new), model.dtype)  # (B, new, D)
     for step in range(max_new):
         tokens = sampler(logits, state)  # (B,)
         tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
         stopped = (tokens[:, None] == stop_ids).any(1) & ~finished
         finished = finished | stopped | (limits <= step + 1)
-        yield Step(tokens, finished.clone(), stopped)
+        yield Step(tokens, finished, stopped)  # ``finished`` is rebound, never modified in place
         if bool(finished.all()):
             return
-        pos = (position + step).view(1, b, 1).expand(3, b, 1)  # text tokens: all rows equal
-        cos, sin = model.rope(pos, model.dtype)
         win = Window(cache, slice(0, b), t + step, None, 1)
         x = decoder.embed_tokens(tokens[:, None])  # (B, 1, H)
-        hidden = decoder(x, AttnContext(cos, sin, win.mask, win))
+        hidden = decoder(x, AttnContext(cos_all[:, step : step + 1], sin_all[:, step : step + 1], win.mask, win))
         logits = model.lm_head(hidden[:, -1]).float()
 
 

@@ -104,8 +104,14 @@ class Attention(nn.Module):
 
 
     def _qk_norm_weight(self) -> torch.Tensor:
-        return torch.cat((self.q_norm.weight.expand(self.nh, self.hd),
-                          self.k_norm.weight.expand(self.nkv, self.hd)))  # (nh+nkv, D)
+        """(nh+nkv, D) per-head norm weights, rebuilt only when a weight changed (load, to())."""
+        q, k = self.q_norm.weight, self.k_norm.weight
+        # Inference-mode tensors cannot enter autograd-tracked calls, hence the mode in the key.
+        key = (q.data_ptr(), q._version, k.data_ptr(), k._version, q.dtype, torch.is_inference_mode_enabled())
+        if getattr(self, "_qk_key", None) != key:
+            self._qk_weight = torch.cat((q.detach().expand(self.nh, self.hd), k.detach().expand(self.nkv, self.hd)))
+            self._qk_key = key
+        return self._qk_weight
 
 
 class MLP(nn.Module):
