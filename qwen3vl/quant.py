@@ -17,6 +17,8 @@ model never exists in memory.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,12 +98,13 @@ class QuantLinear(nn.Module):
         # kernels' decode layout, and what prefill dequantizes.
         self.qweight = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2) uint8
 
-    def dequantized(self) -> torch.Tensor:
-        """(N, K) bfloat16 weight (for prefill GEMMs and tests)."""
+    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, K) bfloat16 weight (for prefill GEMMs and tests); the compiled kernels write it
+        into ``out`` when given."""
         if self.ext_kernels:
             if self.mode == "int8":
-                return kernels.int8_dequant(self.qweight, self.scales)
-            return kernels.int4_dequant(self.qweight, self.scales, self.zeros, self.group_size)
+                return kernels.int8_dequant(self.qweight, self.scales, out)
+            return kernels.int4_dequant(self.qweight, self.scales, self.zeros, self.group_size, out)
         if self.mode == "int8":
             return self.qweight.to(torch.bfloat16) * self.scales_bf16[:, None]
         n, k = self.out_features, self.in_features
@@ -122,12 +125,30 @@ class QuantLinear(nn.Module):
         else:
             x2 = x2.to(torch.bfloat16)
             if x2.shape[0] > DECODE_ROWS or not self.packed_kernels:
-                y = F.linear(x2, self.dequantized())
+                y = F.linear(x2, self.dequantized(_dequant_buffer(self) if self.ext_kernels else None))
             elif self.mode == "int8":
                 y = torch._weight_int8pack_mm(x2, self.qweight, self.scales_bf16)
             else:
                 y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+_SCRATCH = threading.local()
+_SCRATCH_MAX = 64 * 2**20  # bytes; larger matrices (a full-logits lm_head) get a fresh tensor
+
+
+def _dequant_buffer(lin: QuantLinear) -> torch.Tensor | None:
+    """A per-thread bf16 buffer reused for every prefill dequantization: writing each matrix
+    into fresh memory costs more in page faults than the dequantization itself. The result is
+    only read by the GEMM that follows, before the next layer overwrites it."""
+    n, k = lin.out_features, lin.in_features
+    if 2 * n * k > _SCRATCH_MAX:
+        return None
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n * k or buf.device != lin.qweight.device:
+        buf = _SCRATCH.buf = torch.empty(max(n * k, 0 if buf is None else buf.numel()), dtype=torch.bfloat16,
+                                         device=lin.qweight.device)
+    return buf[: n * k].view(n, k)
 
 
 def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:

@@ -137,16 +137,26 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x.float() @ weight.float().t()).to(x.dtype)
 
 
-def int8_dequant(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_dequant(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) bfloat16 weight, written into ``out`` when given (reuse it: see gemv.cpp)."""
+    if out is None:
+        out = torch.empty(qweight.shape, dtype=torch.bfloat16, device=qweight.device)
     if available():
-        return torch.ops.qwen3vl_kernels.int8_dequant(qweight, scales)
-    return _int8_fp32(qweight, scales).to(torch.bfloat16)
+        torch.ops.qwen3vl_kernels.int8_dequant(qweight, scales, out)
+    else:
+        out.copy_(_int8_fp32(qweight, scales))
+    return out
 
 
-def int4_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        out = torch.empty(qweight.shape[0], qweight.shape[1] * 2, dtype=torch.bfloat16, device=qweight.device)
     if available():
-        return torch.ops.qwen3vl_kernels.int4_dequant(qweight, scales, zeros, group_size)
-    return _int4_fp32(qweight, scales, zeros, group_size).to(torch.bfloat16)
+        torch.ops.qwen3vl_kernels.int4_dequant(qweight, scales, zeros, group_size, out)
+    else:
+        out.copy_(_int4_fp32(qweight, scales, zeros, group_size))
+    return out
 
 
 # Plain PyTorch versions of the formats' weights, (N, K) float32: the fallbacks' definition.

@@ -378,13 +378,20 @@ at::Tensor bf16_gemv(const at::Tensor& x_, const at::Tensor& weight) {
 // is expanded once per call and handed to the bf16 GEMM). One fused pass, fp32 arithmetic and a
 // single rounding, ~10x the speed of the equivalent chain of PyTorch elementwise ops.
 
-at::Tensor int8_dequant(const at::Tensor& qweight, const at::Tensor& scales) {
+// Both write into ``out`` (N, K) contiguous bf16: callers reuse one buffer, since a fresh
+// allocation per call costs more in page faults than the conversion itself.
+static void check_out(const at::Tensor& out, int64_t N, int64_t K) {
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+              out.size(1) == K, "dequant: out must be a contiguous (N, K) bfloat16 tensor");
+}
+
+void int8_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& out) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
               "int8_dequant: qweight must be contiguous (N, K) int8");
   const int64_t N = qweight.size(0), K = qweight.size(1);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
               "int8_dequant: scales must be (N, 1) float32");
-  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
+  check_out(out, N, K);
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
   bf16* o = out.data_ptr<bf16>();
@@ -402,11 +409,10 @@ at::Tensor int8_dequant(const at::Tensor& qweight, const at::Tensor& scales) {
       for (; k < K; ++k) orow[k] = bf16(static_cast<float>(qr[k]) * sc[n]);
     }
   });
-  return out;
 }
 
-at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                        int64_t group_size) {
+void int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                  int64_t group_size, const at::Tensor& out) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
               "int4_dequant: qweight must be contiguous (N, K/2) uint8");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = group_size;
@@ -414,7 +420,7 @@ at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, con
   TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat &&
               scales.numel() == N * (K / G) && zeros.numel() == N * (K / G) && scales.is_contiguous() &&
               zeros.is_contiguous(), "int4_dequant: scales/zeros must be (N, K/G) float32");
-  at::Tensor out = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
+  check_out(out, N, K);
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   const float* ze = zeros.data_ptr<float>();
@@ -442,7 +448,6 @@ at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, con
       }
     }
   });
-  return out;
 }
 
 }  // namespace
@@ -451,6 +456,7 @@ TORCH_LIBRARY(qwen3vl_kernels, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor", &int8_gemv);
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
-  m.def("int8_dequant(Tensor qweight, Tensor scales) -> Tensor", &int8_dequant);
-  m.def("int4_dequant(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequant);
+  m.def("int8_dequant(Tensor qweight, Tensor scales, Tensor(a!) out) -> ()", &int8_dequant);
+  m.def("int4_dequant(Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor(a!) out) -> ()",
+        &int4_dequant);
 }
