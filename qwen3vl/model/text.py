@@ -18,7 +18,6 @@ from torch import nn
 
 from .. import kernels
 from ..config import TextConfig
-from .rope import apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -36,9 +35,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     is (D,) or per head (heads, D)."""
     if x.dtype == torch.float32 and weight.dim() == 1:  # the fused kernel is bit-identical in fp32
         return F.rms_norm(x, weight.shape, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # Normalised by the fused fp32 kernel (bit-identical to x * rsqrt(mean(x^2) + eps), fewer
+    # ops: decode of small models is per-op overhead), rounded to x's dtype, then scaled.
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -73,6 +72,14 @@ class AttnContext:
     mask: torch.Tensor | None
     cache: object | None = None
 
+    def __post_init__(self):
+        # Per-head broadcast forms, built once per call rather than in every layer. With the first
+        # half of sin negated, rotate_half(x) * sin == x.roll(D/2) * rot_sin exactly (negating a
+        # factor is exact), one op where rotate_half takes four.
+        half = self.sin.shape[-1] // 2
+        self.cos_heads = self.cos[:, :, None, :]  # (B, T, 1, D)
+        self.rot_sin_heads = torch.cat((-self.sin[..., :half], self.sin[..., half:]), -1)[:, :, None, :]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
@@ -91,7 +98,8 @@ class Attention(nn.Module):
         # q and k heads normalised and rotated in one pass: per head this is exactly q_norm / k_norm
         # followed by the rotation, with half the kernel launches.
         qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
-        qk = apply_rotary(qk, ctx.cos[:, :, None, :], ctx.sin[:, :, None, :]).transpose(1, 2)  # (B, nh+nkv, T, D)
+        qk = qk * ctx.cos_heads + qk.roll(self.hd // 2, -1) * ctx.rot_sin_heads  # apply_rotary, see AttnContext
+        qk = qk.transpose(1, 2)  # (B, nh+nkv, T, D)
         q, k = qk.split((self.nh, self.nkv), dim=1)
         v = v.transpose(1, 2)  # (B, nkv, T, D)
         if ctx.cache is not None:
