@@ -12,6 +12,7 @@ The reference needs `transformers` (a test dependency); `--skip-reference` runs 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.ckpt, args.dtype, args.threads, args.new_tokens, args.context,
                                 args.quantization)))
         return 0
+    if not args.skip_reference and importlib.util.find_spec("transformers") is None:
+        ap.error("the reference side of the comparison needs transformers (pip install 'qwen3vl[test]'); "
+                 "or pass --skip-reference")
     path = checkpoint(args.arch, args.dtype)
     formats = (args.formats or args.dtype).split(",")
     bad = [f for f in formats if f not in FORMAT_BYTES]

@@ -172,6 +172,23 @@ def test_cli_bench_runs_on_tiny(home):
     assert "decode_b1_tok_s" in p.stdout  # the table precedes the JSON line
 
 
+def test_bench_without_transformers_says_what_to_do(monkeypatch, capsys):
+    """The reference side needs the test extra; without it the harness stops before any work
+    with a message naming the fix, not an ImportError from a worker process."""
+    import importlib.util
+
+    from qwen3vl import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(bench, "checkpoint", lambda *a: pytest.fail("wrote a checkpoint before checking"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--arch", "tiny"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs transformers" in err and "--skip-reference" in err
+
+
 def test_chat_with_video_reports_frames_and_video_tokens(llm, tmp_path):
     import av
     import numpy as np
