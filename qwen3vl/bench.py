@@ -7,7 +7,9 @@ then runs each implementation in its own subprocess (so peak RSS is its own) and
 time, vision encode of a 448x448 image, prefill of image + 64 text tokens, time to first token,
 decode tokens/s at batch 1 and batch 8 with a 256-token context. It also measures the machine's
 limits (memory read bandwidth, GEMM GFLOP/s) and prints a table, then ONE JSON line last.
-The reference needs `transformers` (a test dependency); `--skip-reference` runs ours alone.
+The reference side runs ``bench/reference_worker.py`` of a source checkout, which loads it with
+`transformers` (a test dependency; the package itself never imports it); `--skip-reference`
+runs ours alone.
 """
 from __future__ import annotations
 
@@ -97,14 +99,18 @@ def _inputs(cfg: dict, batch: int, text: int, image: bool, seed: int = 0) -> dic
     return out
 
 
-def _load(impl: str, path: str, dtype: str, quantization: str | None = None):
+# The reference's loader lives outside the package, next to the other benchmarks.
+REFERENCE_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "reference_worker.py")
+
+
+def _load(impl: str, path: str, dtype: str, quantization: str | None = None, load_reference=None):
     if impl == "ours":
         from .model.qwen3vl import Qwen3VL
 
         return Qwen3VL.from_pretrained(path, dtype=getattr(torch, dtype), progress=False, quantization=quantization)
-    import transformers
-
-    return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    if load_reference is None:
+        raise RuntimeError(f"the reference worker runs through {REFERENCE_WORKER}")
+    return load_reference(path, dtype)
 
 
 def _call_kwargs(impl: str, inputs: dict) -> dict:
@@ -151,10 +157,10 @@ def _generate_timed(impl, model, inputs, n: int):
 
 
 def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, context: int,
-           quantization: str | None = None) -> dict:
+           quantization: str | None = None, load_reference=None) -> dict:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = _load(impl, path, dtype, quantization)
+    model = _load(impl, path, dtype, quantization, load_reference)
     res = {"load_s": time.perf_counter() - t0}
     cfg = arch_config_from(path)
     visual = model.model.visual
@@ -203,7 +209,8 @@ def weight_bytes_per_token(path: str, fmt: str) -> int:
 def run_worker_subprocess(impl: str, args, path: str, fmt: str) -> dict:
     quant = fmt if fmt in ("int8", "int4") else None
     dtype = "bfloat16" if quant else fmt
-    cmd = [sys.executable, "-m", "qwen3vl.bench", "--worker", impl, "--ckpt", path, "--dtype", dtype,
+    program = [REFERENCE_WORKER] if impl == "ref" else ["-m", "qwen3vl.bench"]
+    cmd = [sys.executable, *program, "--worker", impl, "--ckpt", path, "--dtype", dtype,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--context", str(args.context)]
     if quant:
         cmd += ["--quantization", quant]
@@ -257,7 +264,8 @@ def report(args, limits: dict, results: dict, path: str) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, load_reference=None) -> int:
+    """``load_reference(path, dtype) -> model``: given by bench/reference_worker.py only."""
     ap = argparse.ArgumentParser(prog="qwen3vl bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="2B", choices=["tiny", *ARCH_DIRS])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -274,11 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.ckpt, args.dtype, args.threads, args.new_tokens, args.context,
-                                args.quantization)))
+                                args.quantization, load_reference)))
         return 0
-    if not args.skip_reference and importlib.util.find_spec("transformers") is None:
-        ap.error("the reference side of the comparison needs transformers (pip install 'qwen3vl[test]'); "
-                 "or pass --skip-reference")
+    if not args.skip_reference:
+        if not os.path.isfile(REFERENCE_WORKER):
+            ap.error(f"the reference side of the comparison runs from a source checkout ({REFERENCE_WORKER} "
+                     "not found); pass --skip-reference")
+        if importlib.util.find_spec("transformers") is None:
+            ap.error("the reference side of the comparison needs transformers (pip install 'qwen3vl[test]'); "
+                     "or pass --skip-reference")
     path = checkpoint(args.arch, args.dtype)
     formats = (args.formats or args.dtype).split(",")
     bad = [f for f in formats if f not in FORMAT_BYTES]

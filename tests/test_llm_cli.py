@@ -189,6 +189,19 @@ def test_bench_without_transformers_says_what_to_do(monkeypatch, capsys):
     assert "needs transformers" in err and "--skip-reference" in err
 
 
+def test_bench_reference_outside_a_source_checkout_says_what_to_do(monkeypatch, capsys, tmp_path):
+    """The reference loader is not part of the package (bench/reference_worker.py); an installed
+    package without the checkout must say so and point at --skip-reference."""
+    from qwen3vl import bench
+
+    monkeypatch.setattr(bench, "REFERENCE_WORKER", str(tmp_path / "missing.py"))
+    monkeypatch.setattr(bench, "checkpoint", lambda *a: pytest.fail("wrote a checkpoint before checking"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--arch", "tiny"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "source checkout" in err and "--skip-reference" in err
+
+
 def test_chat_with_video_reports_frames_and_video_tokens(llm, tmp_path):
     import av
     import numpy as np
