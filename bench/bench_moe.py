@@ -1,24 +1,26 @@
-"""MoE decode speed at batch 1: ours vs the reference (qwen3_vl_moe), same weights, one run.
+"""MoE decode speed at batch 1: ours (bf16, int8, int4) vs the reference (bf16), same weights, one run.
 
 The checkpoint is random, in the released layout, bf16, shaped like Qwen3-VL-30B-A3B at full
 width (hidden 2048, 128 experts, moe_intermediate 768, top-8, 32/4 heads of 128, vocab 151936)
-but with fewer decoder layers (default 4) and a vision tower shrunk to depth 2 (text-only
-prompts never run it; it only costs load time). It is written once to
+but with fewer decoder layers (default 4; the real model has 48) and a vision tower shrunk to
+depth 2 (text-only prompts never run it; it only costs load time). It is written once to
 $QWEN3VL_HOME/bench-moe-L{layers} (default ~/.cache/qwen3vl) and reused.
 
 Decode rate = (N - 1) / (t(N) - t(1)), with t(n) the median wall time of each
 implementation's own ``generate`` for n new greedy tokens after a 64-token prompt (min_new_tokens
-= n, so an end token cannot stop it early). The physical limit is one read of the weights a
-token touches (k experts x 3 matrices per sparse layer, attention, router, lm_head) at the
-memory bandwidth measured here. The MoE blocks are also timed alone (one token through every
+= n, so an end token cannot stop it early). The physical limit is one read of the bytes a token
+touches in that format (k experts x 3 matrices per sparse layer, attention, router, lm_head) at
+the memory bandwidth measured here. The MoE blocks are also timed alone (one token through every
 layer's block, same inputs for both), the part of decode this block owns.
 
-At this shape the whole decode is memory-bound and the lm_head (622 MB) alone is over half of
-the bytes, so no MoE kernel can make decode much faster than the reference: the ceiling is
-limit / reference (about 1.5x here), not 3x.
+Our int8/int4 rows quantize the same bf16 checkpoint at load (``qwen3vl.quant``: experts and
+attention in that format, lm_head int8, router bf16); their speed-up over the reference is partly
+the smaller format, so the table gives each format's bytes per token and share of its own limit.
+At 4 layers the lm_head (622 MB in bf16) is over half of the bf16 bytes a token reads; more
+layers (--layers 8) weigh the MoE layers more, as in the real 48-layer model.
 
 Prints a table, then ONE JSON line. Run alone: timings on a busy machine are meaningless.
-Usage: python bench/bench_moe.py [--layers 4] [--prompt 64] [--new 32] [--repeats 3]
+Usage: python bench/bench_moe.py [--layers 4] [--formats bf16,int8,int4] [--prompt 64] [--new 32]
 """
 from __future__ import annotations
 
@@ -75,16 +77,22 @@ def ensure_checkpoint(layers: int) -> str:
     return path
 
 
-def bytes_per_token(cfg: dict) -> dict:
-    """Bytes of bf16 weights one decode token reads (norms and the embedding row are negligible)."""
+def bytes_per_weight(fmt: str, in_features: int, group: int = 64) -> float:
+    """Bytes read per weight in a format: bf16; int8 + one fp32 scale per row; int4 codes + fp32
+    scale and zero per group (``qwen3vl.quant``)."""
+    return {"bf16": 2.0, "int8": 1 + 4 / in_features, "int4": 0.5 + 8 / group}[fmt]
+
+
+def bytes_per_token(cfg: dict, fmt: str = "bf16") -> dict:
+    """Bytes of weights one decode token reads (norms and the embedding row are negligible)."""
     t = cfg["text_config"]
     h, i, k, e = t["hidden_size"], t["moe_intermediate_size"], t["num_experts_per_tok"], t["num_experts"]
     q, kv = t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
     layers = t["num_hidden_layers"]
-    experts = layers * k * 3 * h * i * 2
-    attention = layers * (2 * q * h + 2 * kv * h) * 2
+    experts = layers * k * (2 * i * h * bytes_per_weight(fmt, h) + h * i * bytes_per_weight(fmt, i))
+    attention = layers * ((q + 2 * kv) * h * bytes_per_weight(fmt, h) + h * q * bytes_per_weight(fmt, q))
     router = layers * e * h * 2
-    lm_head = t["vocab_size"] * h * 2
+    lm_head = t["vocab_size"] * h * bytes_per_weight("bf16" if fmt == "bf16" else "int8", h)
     return {"experts": experts, "attention": attention, "router": router, "lm_head": lm_head,
             "total": experts + attention + router + lm_head}
 
@@ -136,13 +144,17 @@ def prompt(length: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def run_ours(path: str, inputs: dict, new: int, repeats: int) -> tuple[dict, torch.Tensor]:
-    model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=torch.bfloat16, progress=False)
+def run_ours(path: str, inputs: dict, new: int, repeats: int, fmt: str) -> tuple[dict, torch.Tensor]:
+    t0 = time.perf_counter()
+    model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=torch.bfloat16, progress=False,
+                                            quantization=None if fmt == "bf16" else fmt)
+    load_s = time.perf_counter() - t0
 
     def gen(n):
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     res = decode_rate(gen, new, repeats)
+    res["load_s"] = load_s
     res["moe_block_ms"] = block_ms([layer.mlp for layer in model.model.language_model.layers],
                                    block_inputs(model.config.text.hidden_size))
     return res, gen(new)
@@ -168,56 +180,69 @@ def run_reference(path: str, inputs: dict, new: int, repeats: int) -> tuple[dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--formats", default="bf16,int8,int4", help="our weight formats, comma separated")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("bf16", "int8", "int4")]
+    if bad:
+        ap.error(f"unknown format(s) {bad}; choose from bf16, int8, int4")
     torch.set_num_threads(args.threads)
     path = ensure_checkpoint(args.layers)
     cfg = json.load(open(os.path.join(path, "config.json")))
     inputs = prompt(args.prompt)
     load = os.getloadavg()[0]
     bw = memory_bandwidth()
-    # One model in memory at a time: each is ~6 GB at 4 layers.
-    ours, ours_ids = run_ours(path, inputs, args.new, args.repeats)
-    gc.collect()
+    # One model in memory at a time: the bf16 ones are ~6 GB at 4 layers.
+    ours, ours_ids = {}, {}
+    for fmt in formats:
+        ours[fmt], ours_ids[fmt] = run_ours(path, inputs, args.new, args.repeats, fmt)
+        gc.collect()
     ref, ref_ids = run_reference(path, inputs, args.new, args.repeats)
     t = args.prompt
-    same = int((ours_ids[0, t:] == ref_ids[0, t:]).cumprod(0).sum())
+    same = {f: int((ids[0, t:] == ref_ids[0, t:]).cumprod(0).sum()) for f, ids in ours_ids.items()}
     report(args, cfg, bw, load, ours, ref, same)
 
 
-def report(args, cfg: dict, bw: float, load: float, ours: dict, ref: dict, same: int) -> None:
-    b = bytes_per_token(cfg)
-    limit = bw / b["total"]
-    ratio = ours["decode_tok_s"] / ref["decode_tok_s"]
-    block_ratio = ref["moe_block_ms"] / ours["moe_block_ms"]
+def report(args, cfg: dict, bw: float, load: float, ours: dict, ref: dict, same: dict) -> None:
     t = cfg["text_config"]
+    ref_b = bytes_per_token(cfg)
     print(f"\nMoE decode, batch 1: {t['num_hidden_layers']} layers x {t['num_experts']} experts "
-          f"(top-{t['num_experts_per_tok']}, H {t['hidden_size']}, I {t['moe_intermediate_size']}), bf16, "
-          f"{args.threads} threads, prompt {args.prompt}, {args.new} new tokens; load avg {load:.2f}")
-    print(f"{'':24s}{'prefill+1 (s)':>14s}{'decode tok/s':>14s}{'ms/token':>10s}")
-    for name, r in (("qwen3vl", ours), ("reference", ref)):
-        print(f"{name:24s}{r['t1_s']:14.3f}{r['decode_tok_s']:14.2f}{1e3 / r['decode_tok_s']:10.1f}")
-    print(f"{'bandwidth limit':24s}{'':14s}{limit:14.2f}{1e3 / limit:10.1f}")
-    print(f"ratio ours/reference: {ratio:.2f}x    ours at {100 * ours['decode_tok_s'] / limit:.0f}% of the limit")
-    expert_limit_ms = b["experts"] / bw * 1e3
-    print(f"MoE blocks alone, ms/token (all layers): ours {ours['moe_block_ms']:.2f}, reference "
-          f"{ref['moe_block_ms']:.2f} ({block_ratio:.2f}x), expert-bytes limit {expert_limit_ms:.2f}")
-    print(f"bytes/token: experts {b['experts'] / 1e6:.0f} MB ({t['num_experts_per_tok']} x 3 x H x I x 2 per "
-          f"sparse layer), attention {b['attention'] / 1e6:.0f} MB, router {b['router'] / 1e6:.1f} MB, "
-          f"lm_head {b['lm_head'] / 1e6:.0f} MB; total {b['total'] / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s measured")
-    print(f"greedy tokens identical for the first {same} of {args.new} (bf16: small drifts may flip a token)")
+          f"(top-{t['num_experts_per_tok']}, H {t['hidden_size']}, I {t['moe_intermediate_size']}), "
+          f"{args.threads} threads, prompt {args.prompt}, {args.new} new tokens; {bw / 1e9:.1f} GB/s measured; "
+          f"load avg {load:.2f}")
+    print(f"{'':18s}{'load s':>8s}{'decode tok/s':>14s}{'x ref':>7s}{'MB/token':>10s}{'experts MB':>11s}"
+          f"{'limit tok/s':>12s}{'% limit':>8s}{'MoE ms':>8s}{'same greedy':>12s}")
+    rows = {}
+    for name, r in [(f"qwen3vl {f}", ours[f]) for f in ours] + [("reference bf16", ref)]:
+        fmt = name.split()[-1]
+        b = bytes_per_token(cfg, fmt)
+        limit = bw / b["total"]
+        rows[name] = dict(tok_s=r["decode_tok_s"], ratio=r["decode_tok_s"] / ref["decode_tok_s"],
+                          mb=b["total"] / 1e6, experts_mb=b["experts"] / 1e6, limit=limit,
+                          pct=100 * r["decode_tok_s"] / limit, moe_ms=r["moe_block_ms"])
+        w = rows[name]
+        greedy = f"{same[fmt]}/{args.new}" if name.startswith("qwen3vl") else ""
+        print(f"{name:18s}{r.get('load_s', float('nan')):8.1f}{w['tok_s']:14.2f}{w['ratio']:7.2f}{w['mb']:10.0f}"
+              f"{w['experts_mb']:11.0f}{limit:12.2f}{w['pct']:8.0f}{w['moe_ms']:8.2f}{greedy:>12s}")
+    print(f"bf16 bytes/token: experts {ref_b['experts'] / 1e6:.0f} MB ({t['num_experts_per_tok']} x 3 x H x I per "
+          f"sparse layer), attention {ref_b['attention'] / 1e6:.0f} MB, router {ref_b['router'] / 1e6:.1f} MB, "
+          f"lm_head {ref_b['lm_head'] / 1e6:.0f} MB (int8 formats: lm_head int8, router bf16)")
+    print("same greedy: leading greedy tokens equal to the reference's (quantized formats are expected to drift)")
     print(json.dumps({
         "bench": "moe_decode", "layers": t["num_hidden_layers"], "experts": t["num_experts"],
         "top_k": t["num_experts_per_tok"], "threads": args.threads, "load_avg": round(load, 2),
-        "ours_tok_s": round(ours["decode_tok_s"], 3), "ref_tok_s": round(ref["decode_tok_s"], 3),
-        "ratio": round(ratio, 3), "moe_block_ms": round(ours["moe_block_ms"], 3),
-        "ref_moe_block_ms": round(ref["moe_block_ms"], 3), "moe_block_ratio": round(block_ratio, 3), "limit_tok_s": round(limit, 3), "bandwidth_gb_s": round(bw / 1e9, 2),
-        "expert_bytes_per_token": b["experts"], "bytes_per_token": b["total"],
-        "ours_prefill_s": round(ours["t1_s"], 4), "ref_prefill_s": round(ref["t1_s"], 4),
-        "same_greedy_prefix": same}))
+        "bandwidth_gb_s": round(bw / 1e9, 2), "ref_tok_s": round(ref["decode_tok_s"], 3),
+        "ref_moe_block_ms": round(ref["moe_block_ms"], 3), "ref_prefill_s": round(ref["t1_s"], 4),
+        "ours": {f: {"tok_s": round(rows[f"qwen3vl {f}"]["tok_s"], 3), "ratio": round(rows[f"qwen3vl {f}"]["ratio"], 3),
+                     "limit_tok_s": round(rows[f"qwen3vl {f}"]["limit"], 3),
+                     "bytes_per_token": round(rows[f"qwen3vl {f}"]["mb"] * 1e6),
+                     "expert_bytes_per_token": round(rows[f"qwen3vl {f}"]["experts_mb"] * 1e6),
+                     "moe_block_ms": round(ours[f]["moe_block_ms"], 3), "load_s": round(ours[f]["load_s"], 2),
+                     "prefill_s": round(ours[f]["t1_s"], 4), "same_greedy_prefix": same[f]} for f in ours}}))
 
 
 if __name__ == "__main__":

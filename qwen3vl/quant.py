@@ -1,4 +1,4 @@
-"""Weight-only quantization of the text decoder's linear layers, done at load time.
+"""Weight-only quantization of the text decoder's linear layers and MoE experts, done at load time.
 
 Formats (``quantization=`` on ``from_pretrained`` / ``LLM`` / the CLI and server flags):
   * ``int8``: symmetric per-output-channel scales.
@@ -7,10 +7,12 @@ Formats (``quantization=`` on ``from_pretrained`` / ``LLM`` / the CLI and server
 Decode (up to ``DECODE_ROWS`` activation rows) uses the compiled matrix-vector kernels of
 ``qwen3vl.kernels``, which read these layouts as stored; without them (no AVX-512 BF16, no
 compiler, QWEN3VL_NO_EXT=1) it falls back to ``torch._weight_int8pack_mm`` /
-``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (about half the speed).
-Policy: the decoder's q/k/v, o, gate/up and down projections and the ``lm_head`` are quantized
-(lm_head always int8: it is the largest matrix and the most sensitive to rounding); token
-embeddings (one row read per token) and the whole vision encoder stay in the model dtype.
+``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (about half the speed; MoE experts
+then dequantize and use the GEMM).
+Policy: the decoder's q/k/v, o, gate/up and down projections, the MoE experts (same format,
+per expert) and the ``lm_head`` are quantized (lm_head always int8: it is the largest matrix and
+the most sensitive to rounding); token embeddings (one row read per token), MoE routers and the
+whole vision encoder stay in the model dtype.
 Prefill (many rows) dequantizes each matrix to bf16 and uses the GEMM, which is compute-bound
 anyway. Weights are quantized row by row as the checkpoint streams in, so the full-precision
 model never exists in memory.
@@ -29,53 +31,64 @@ QUANT_MODES = ("int8", "int4")
 DECODE_ROWS = 8  # up to this many activation rows use the packed matrix-vector kernels
 
 
-class QuantLinear(nn.Module):
-    """Linear layer with int8 or int4 weights; ``load_weight(rows, tensor)`` fills rows as the
-    checkpoint streams in and ``finalize()`` packs them."""
+class _Quantized(nn.Module):
+    """``lead + (N, K)`` weights in one format: a single matrix (lead ``()``) or a stack of MoE
+    experts (lead ``(E,)``). ``load_weight(rows, tensor)`` fills rows as the checkpoint streams
+    in and ``finalize()`` packs them."""
 
-    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 64, device=None):
+    def __init__(self, lead: tuple[int, ...], in_features: int, out_features: int, mode: str, group_size: int,
+                 device=None):
         super().__init__()
         if mode not in QUANT_MODES:
             raise ValueError(f"unknown quantization {mode!r}; use one of {QUANT_MODES}")
         if mode == "int4" and (group_size not in (32, 64, 128) or in_features % group_size):
             raise ValueError(f"int4 group size must be 32, 64 or 128 and divide {in_features}; got {group_size}")
-        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        self.lead, self.in_features, self.out_features = lead, in_features, out_features
+        self.mode, self.group_size = mode, group_size
         n, k = out_features, in_features
         # int8 values (int8 mode) or 0..15 codes (int4 mode, packed by finalize()).
-        self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8 if mode == "int8" else torch.uint8,
+        self.register_buffer("qweight", torch.zeros(*lead, n, k, dtype=torch.int8 if mode == "int8" else torch.uint8,
                                                     device=device))
         groups = 1 if mode == "int8" else k // group_size
-        self.register_buffer("scales", torch.zeros(n, groups, dtype=torch.float32, device=device))
-        self.register_buffer("zeros", torch.zeros(n, groups if mode == "int4" else 0, device=device))
+        self.register_buffer("scales", torch.zeros(*lead, n, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(*lead, n, groups if mode == "int4" else 0, device=device))
         self.packed: torch.Tensor | None = None
         self.scales_and_zeros: torch.Tensor | None = None
 
     @property
-    def logical_shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
+    def logical_shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.out_features, self.in_features)
+
+    def _matrices(self):
+        """Index of each matrix into the lead dimensions: ``()`` alone, or ``(e,)`` per expert."""
+        return [()] if not self.lead else [(e,) for e in range(self.lead[0])]
 
     @torch.no_grad()
     def load_weight(self, rows: tuple[int, int] | None, w: torch.Tensor) -> None:
-        """Quantize ``w`` (r, K) into rows ``rows`` (all rows when None), a slice of rows at a time
-        so the fp32 temporaries stay small (the 2B lm_head in fp32 alone would be 1.2 GB) and fast."""
+        """Quantize ``w`` (lead + (r, K), any strides) into rows ``rows`` (all rows when None), a
+        slice of rows at a time so the fp32 temporaries stay small (the 2B lm_head in fp32 alone
+        would be 1.2 GB) and fast."""
         a, b = rows or (0, self.out_features)
         step = max(1, 2**16 // self.in_features)  # fp32 temporaries of 256 KB: cache-resident, no page faults
-        for i in range(0, b - a, step):
-            self._quantize_rows(a + i, min(b, a + i + step), w[i : i + step])
+        for idx in self._matrices():
+            m = w[idx].contiguous()  # one (transposed) expert matrix at most: a few MB
+            for i in range(0, b - a, step):
+                self._quantize_rows(idx, a + i, min(b, a + i + step), m[i : i + step])
 
-    def _quantize_rows(self, a: int, b: int, w: torch.Tensor) -> None:
+    def _quantize_rows(self, idx: tuple, a: int, b: int, w: torch.Tensor) -> None:
         w = w.to(self.qweight.device, torch.float32)
+        q, s = self.qweight[idx], self.scales[idx]
         if self.mode == "int8":
             scale = w.abs().amax(1).clamp(min=1e-10) / 127  # (r,)
-            self.qweight[a:b] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            self.scales[a:b, 0] = scale
+            q[a:b] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            s[a:b, 0] = scale
             return
         g = w.view(w.shape[0], -1, self.group_size)  # (r, K/G, G)
         lo, hi = g.amin(-1), g.amax(-1)
         scale = (hi - lo).clamp(min=1e-10) / 15
         codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
-        self.qweight[a:b] = codes.view(w.shape[0], -1).to(torch.uint8)
-        self.scales[a:b], self.zeros[a:b] = scale, lo + 8 * scale  # w = (code - 8) * scale + zero
+        q[a:b] = codes.view(w.shape[0], -1).to(torch.uint8)
+        s[a:b], self.zeros[idx][a:b] = scale, lo + 8 * scale  # w = (code - 8) * scale + zero
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -87,57 +100,87 @@ class QuantLinear(nn.Module):
         # twice the stock kernels' speed, so the stock kernels' copies are only built without them.
         self.ext_kernels = self.packed_kernels and kernels.available()
         if self.mode == "int8":
-            self.scales_bf16 = self.scales[:, 0].to(torch.bfloat16)
+            self.scales_bf16 = self.scales[..., 0].to(torch.bfloat16)
             return
         codes = self.qweight
-        if self.packed_kernels and not self.ext_kernels:
+        if self.packed_kernels and not self.ext_kernels and not self.lead:
             self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
             self.scales_and_zeros = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(
                 torch.bfloat16)
         # Our own nibble pairs (even k low, odd k high), half a byte per weight: the compiled
         # kernels' decode layout, and what prefill dequantizes.
-        self.qweight = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2) uint8
+        self.qweight = codes[..., 0::2] | (codes[..., 1::2] << 4)  # lead + (N, K/2) uint8
 
-    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, K) bfloat16 weight (for prefill GEMMs and tests); the compiled kernels write it
-        into ``out`` when given."""
+    def dequantized(self, idx: tuple = (), out: torch.Tensor | None = None) -> torch.Tensor:
+        """Matrix ``idx`` as (N, K) bfloat16 (for prefill GEMMs and tests); the compiled kernels
+        write it into ``out`` when given."""
+        q, s, z = self.qweight[idx], self.scales[idx], self.zeros[idx]
         if self.ext_kernels:
             if self.mode == "int8":
-                return kernels.int8_dequant(self.qweight, self.scales, out)
-            return kernels.int4_dequant(self.qweight, self.scales, self.zeros, self.group_size, out)
+                return kernels.int8_dequant(q, s, out)
+            return kernels.int4_dequant(q, s, z, self.group_size, out)
         if self.mode == "int8":
-            return self.qweight.to(torch.bfloat16) * self.scales_bf16[:, None]
+            return q.to(torch.bfloat16) * self.scales_bf16[idx][:, None]
         n, k = self.out_features, self.in_features
-        codes = torch.stack((self.qweight & 0xF, self.qweight >> 4), -1).view(n, k // self.group_size, self.group_size)
-        w = (codes.to(torch.bfloat16) - 8) * self.scales.to(torch.bfloat16)[..., None] + self.zeros.to(torch.bfloat16)[..., None]
+        codes = torch.stack((q & 0xF, q >> 4), -1).view(n, k // self.group_size, self.group_size)
+        w = (codes.to(torch.bfloat16) - 8) * s.to(torch.bfloat16)[..., None] + z.to(torch.bfloat16)[..., None]
         return w.view(n, k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.ext_kernels and x2.shape[0] <= DECODE_ROWS:
+    def _matmul(self, idx: tuple, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) @ matrix ``idx``.T -> (M, N) in x2's dtype."""
+        m = x2.shape[0]
+        if self.ext_kernels and m <= DECODE_ROWS:
             if x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.to(torch.bfloat16)
             if self.mode == "int8":
-                y = kernels.int8_gemv(x2, self.qweight, self.scales)
-            else:
-                y = kernels.int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size)
-        else:
-            x2 = x2.to(torch.bfloat16)
-            if x2.shape[0] > DECODE_ROWS or not self.packed_kernels:
-                y = F.linear(x2, self.dequantized(_dequant_buffer(self) if self.ext_kernels else None))
-            elif self.mode == "int8":
-                y = torch._weight_int8pack_mm(x2, self.qweight, self.scales_bf16)
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+                return kernels.int8_gemv(x2, self.qweight[idx], self.scales[idx])
+            return kernels.int4_gemv(x2, self.qweight[idx], self.scales[idx], self.zeros[idx], self.group_size)
+        x2 = x2.to(torch.bfloat16)
+        if m <= DECODE_ROWS and self.packed_kernels and self.mode == "int8":
+            return torch._weight_int8pack_mm(x2, self.qweight[idx], self.scales_bf16[idx])
+        if m <= DECODE_ROWS and self.packed is not None:
+            return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return F.linear(x2, self.dequantized(idx, _dequant_buffer(self) if self.ext_kernels else None))
+
+
+class QuantLinear(_Quantized):
+    """Linear layer (no bias) with int8 or int4 weights."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 64, device=None):
+        super().__init__((), in_features, out_features, mode, group_size, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul((), x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class QuantExperts(_Quantized):
+    """A MoE block's stacked expert matrices (E, N, K), stored as in ``QuantLinear`` per expert."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, mode: str, group_size: int = 64,
+                 device=None):
+        super().__init__((experts,), in_features, out_features, mode, group_size, device)
+
+    def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x (n, K) @ expert e's matrix.T -> (n, N) in x's dtype."""
+        return self._matmul((e,), x).to(x.dtype)
+
+    def linear_multi(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Row j of x (or its single row) @ expert idx[j]'s matrix.T -> (J, N): one token's k
+        experts in one kernel call (decode). Needs the compiled kernels (``ext_kernels``)."""
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.to(torch.bfloat16)
+        if self.mode == "int8":
+            return kernels.int8_gemv_multi(x, self.qweight, self.scales, idx)
+        return kernels.int4_gemv_multi(x, self.qweight, self.scales, self.zeros, self.group_size, idx)
 
 
 _SCRATCH = threading.local()
 _SCRATCH_MAX = 64 * 2**20  # bytes; larger matrices (a full-logits lm_head) get a fresh tensor
 
 
-def _dequant_buffer(lin: QuantLinear) -> torch.Tensor | None:
+def _dequant_buffer(lin: _Quantized) -> torch.Tensor | None:
     """A per-thread bf16 buffer reused for every prefill dequantization: writing each matrix
     into fresh memory costs more in page faults than the dequantization itself. The result is
     only read by the GEMM that follows, before the next layer overwrites it."""
@@ -152,7 +195,10 @@ def _dequant_buffer(lin: QuantLinear) -> torch.Tensor | None:
 
 
 def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
-    """Swap the decoder's projections (and lm_head, int8) for QuantLinear, before loading."""
+    """Swap the decoder's projections (and lm_head, int8) for QuantLinear and MoE expert stacks
+    for QuantExperts, before loading."""
+    from .model.text import SparseMoE
+
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; use one of {QUANT_MODES}")
     if model.config.tie_word_embeddings:
@@ -165,9 +211,14 @@ def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         m = "int8" if name == "lm_head" else mode
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, m, group_size, device="meta"))
+    for moe in [m for m in model.modules() if isinstance(m, SparseMoE)]:
+        for attr in ("gate_up_proj", "down_proj"):
+            e, n, k = getattr(moe, attr).shape
+            delattr(moe, attr)  # a parameter; the module takes its name
+            setattr(moe, attr, QuantExperts(e, k, n, mode, group_size, device="meta"))
 
 
 def finalize(model: nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, _Quantized):
             m.finalize()

@@ -97,9 +97,17 @@ class _Destinations:
         self.params = dict(model.named_parameters(remove_duplicate=False))
 
     def loader(self, param: str):
+        """The module that loads ``param`` itself: the owner of a ``.weight`` (QuantLinear) or a
+        module standing where a parameter was (QuantExperts for MoE expert stacks)."""
         owner, _, attr = param.rpartition(".")
-        module = self.model.get_submodule(owner)
-        return module if attr == "weight" and hasattr(module, "load_weight") else None
+        for name in ((owner,) if attr == "weight" else ()) + (param,):
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError:  # a parameter, not a module
+                continue
+            if hasattr(module, "load_weight"):
+                return module
+        return None
 
     def shape(self, param: str) -> tuple[int, ...]:
         loader = self.loader(param)

@@ -141,7 +141,7 @@ def test_python_fallbacks_match_kernels(monkeypatch):
 
 def test_cpu_without_avx512_bf16_falls_back(monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: ("Some CPU", "fpu avx2 avx512f"))
-    assert kernels._build() == "CPU lacks avx512bw, avx512vl, avx512_bf16"
+    assert kernels._build() == "CPU lacks avx512bw, avx512vl, avx512_bf16, avx512_vnni"
 
 
 def test_build_dir_depends_on_cpu_and_source(monkeypatch, tmp_path):
@@ -178,3 +178,53 @@ def test_bf16_decoder_linears_use_the_kernel(tiny_ckpt, monkeypatch):
                 y = lin(x)
             assert y.dtype == torch.bfloat16 and rel(y, x.double() @ lin.weight.detach().double().t()) < 5e-3
         assert calls == expected
+
+
+def stacked(mode, e, n, k, group=64):
+    """E quantized matrices as QuantExperts stores them, and their fp64 weights."""
+    from qwen3vl.quant import QuantExperts
+
+    g = torch.Generator().manual_seed(3)
+    ex = QuantExperts(e, k, n, mode, group)
+    ex.load_weight(None, (torch.randn(e, k, n, generator=g) * 0.02).transpose(1, 2))  # released layout, strided
+    ex.finalize()
+    per = [quantized_view(ex, i) for i in range(e)]
+    return ex, per
+
+
+def quantized_view(ex, i):
+    lin = QuantLinear(ex.in_features, ex.out_features, ex.mode, ex.group_size)
+    lin.qweight, lin.scales, lin.zeros = ex.qweight[i], ex.scales[i], ex.zeros[i]
+    return fp32_weight(lin)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_kernels_match_one_matrix_per_row(mode, dtype):
+    """y[j] = x[j] @ W[idx[j]].T for a stack of matrices (a MoE token's experts), repeats and
+    any order allowed; a single row of x is shared by all products."""
+    e, n, k = 5, 70, 256
+    if mode == "bf16":
+        w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(4)).bfloat16()
+        per = [w[i].double() for i in range(e)]
+        run = lambda x, idx: kernels.bf16_gemv_multi(x, w, idx)  # noqa: E731
+    else:
+        ex, per = stacked(mode, e, n, k, 32 if mode == "int4" else 64)
+        run = ex.linear_multi
+    idx = torch.tensor([4, 0, 2, 2])
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(5)).to(dtype)
+    for xs in (x, x[:1]):
+        y = run(xs, idx)
+        assert y.shape == (4, n) and y.dtype == dtype
+        ref = torch.stack([xs[min(j, len(xs) - 1)].double() @ per[i].t() for j, i in enumerate(idx.tolist())])
+        assert rel(y, ref) < TOL[dtype]
+
+
+@needs_ext
+def test_multi_kernels_reject_bad_indices():
+    w = torch.zeros(3, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"matrix index 3 out of range \[0, 3\)"):
+        kernels.bf16_gemv_multi(torch.zeros(1, 64), w, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="1 or len\\(idx\\) rows"):
+        kernels.bf16_gemv_multi(torch.zeros(3, 64), w, torch.tensor([0, 1]))

@@ -14,6 +14,8 @@ Entry points take x (M, K) float32 or bfloat16 and return (M, N) in x's dtype:
   * ``int4_gemv(x, qweight (N, K/2) uint8 nibble pairs, scales, zeros (N, K/G) float32, G)``
     with w = (code - 8) * scale + zero, even k in the low nibble
   * ``bf16_gemv(x, weight (N, K) bfloat16)``
+  * ``*_gemv_multi(x, stacked weights (E, N, ...), ..., idx (J,) int64)`` -> (J, N): row j (or the
+    single row of x) times matrix idx[j], for a MoE token's k experts in one call
 and, for prefill GEMMs, ``int8_dequant(qweight, scales)`` / ``int4_dequant(qweight, scales,
 zeros, G)`` -> the (N, K) bfloat16 weight (fp32 arithmetic, one rounding).
 Without the extension they fall back to plain PyTorch (dequantize + matmul), for tests.
@@ -30,7 +32,7 @@ import time
 import torch
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
-_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 _state: dict = {}
 
 
@@ -135,6 +137,30 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if available():
         return torch.ops.qwen3vl_kernels.bf16_gemv(x, weight)
     return (x.float() @ weight.float().t()).to(x.dtype)
+
+
+def int8_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if available():
+        return torch.ops.qwen3vl_kernels.int8_gemv_multi(x, qweight, scales, idx)
+    return _multi(x, idx, lambda e: _int8_fp32(qweight[e], scales[e]))
+
+
+def int4_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int, idx: torch.Tensor) -> torch.Tensor:
+    if available():
+        return torch.ops.qwen3vl_kernels.int4_gemv_multi(x, qweight, scales, zeros, group_size, idx)
+    return _multi(x, idx, lambda e: _int4_fp32(qweight[e], scales[e], zeros[e], group_size))
+
+
+def bf16_gemv_multi(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if available():
+        return torch.ops.qwen3vl_kernels.bf16_gemv_multi(x, weight, idx)
+    return _multi(x, idx, lambda e: weight[e].float())
+
+
+def _multi(x: torch.Tensor, idx: torch.Tensor, weight) -> torch.Tensor:
+    xs = x.float().expand(len(idx), -1)
+    return torch.stack([xs[j] @ weight(e).t() for j, e in enumerate(idx.tolist())]).to(x.dtype)
 
 
 def int8_dequant(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// Matrix-vector kernels for decode (a few activation rows) with AVX-512 (F/BW/VL/BF16).
+// Matrix-vector kernels for decode (a few activation rows) with AVX-512 (F/BW/VL/BF16/VNNI).
 //
 // Decode is memory-bound, so every kernel reads each weight byte once per call for all activation
 // rows and keeps the per-row partial sums in registers. Registered as torch.ops.qwen3vl_kernels.*:
@@ -6,6 +6,8 @@
 //   int4_gemv(x, qweight (N,K/2) u8, scales, zeros (N,K/G) f32, group_size)   nibble pairs
 //   bf16_gemv(x, weight (N,K) bf16)
 // x is (M, K) float32 or bfloat16; the result is (M, N) in x's dtype, accumulated in fp32.
+// The *_multi variants take a stack of matrices (E, N, ...) and idx (J,): y[j] = x[j] @ W[idx[j]].T
+// (MoE decode: a token's k experts in one call).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -28,14 +31,15 @@ constexpr int64_t kGrain = 32;    // output rows per parallel task, at least
 // that the hardware prefetchers keep re-detecting, which leaves the core stalled on DRAM. So each
 // step that consumes one 64-byte line from each of the R rows also prefetches the R lines this
 // far ahead of the block's linear progress, a single sequential stream. 16 KiB measured best of
-// 0-24 KiB (one 12288x2048 matrix, 2 cores: int8 18 -> 29 GB/s, int4 16 -> 34 GB/s, partly L3).
+// 0-24 KiB (one 12288x2048 matrix, 2 cores: int8 18 -> 29 GB/s, int4 16 -> 34 GB/s, partly L3);
+// with the VNNI int8 kernel and bf16, a 151936x2048 (lm_head) matrix from DRAM preferred 32 and 8 KiB.
 constexpr int64_t kPrefetch = 16384;
 
 // block: start of the R rows; done: bytes consumed so far in each row.
-template <int R>
+template <int R, int64_t Distance = kPrefetch>
 ALWAYS_INLINE void prefetch_block(const void* block, int64_t done) {
-  const char* p = (const char*)block + R * done + kPrefetch;
-  for (int r = 0; r < R; ++r) _mm_prefetch(p + 64 * r, _MM_HINT_T0);
+  const char* p = (const char*)block + R * done + Distance;
+  for (int r = 0; r < R; ++r) _mm_prefetch(p + 64 * r, _MM_HINT_T1);
 }
 
 
@@ -75,14 +79,13 @@ void for_each_bf16_row(const at::Tensor& x, F&& f) {
   }
 }
 
-// y (rows, N) fp32 partial results -> out (M, N) in x's dtype.
-at::Tensor epilogue(const std::vector<float>& y, const at::Tensor& x, int64_t N, bool pairs) {
-  const int64_t M = x.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
+// y (rows, N) fp32 partial results -> out (M, N) in dtype (rows = M, or 2M with hi/lo pairs).
+at::Tensor epilogue(const std::vector<float>& y, int64_t M, int64_t N, bool pairs, const at::TensorOptions& opts) {
+  at::Tensor out = at::empty({M, N}, opts);
   for (int64_t m = 0; m < M; ++m) {
     const float* a = y.data() + (pairs ? 2 * m : m) * N;
     const float* b = a + N;
-    if (x.scalar_type() == at::kFloat) {
+    if (out.scalar_type() == at::kFloat) {
       float* o = out.data_ptr<float>() + m * N;
       for (int64_t n = 0; n < N; ++n) o[n] = pairs ? a[n] + b[n] : a[n];
     } else {
@@ -91,6 +94,10 @@ at::Tensor epilogue(const std::vector<float>& y, const at::Tensor& x, int64_t N,
     }
   }
   return out;
+}
+
+at::Tensor epilogue(const std::vector<float>& y, const at::Tensor& x, int64_t N, bool pairs) {
+  return epilogue(y, x.size(0), N, pairs, x.options());
 }
 
 // Runs rows(lo, hi, row_offset, row_count) over chunks of <= kMaxRows activation rows and,
@@ -115,82 +122,169 @@ void parallel_rows(int64_t rows, int64_t N, F&& f) {
     default: FN<8>(__VA_ARGS__); break;   \
   }
 
+// The *_multi entry points multiply activation row j (or row 0 for all j when x has one row) by
+// matrix idx[j] of a stack (E, N, K) of same-shaped matrices, e.g. the k experts a MoE token is
+// routed to: y (J, N). One call and one parallel region for all J products, instead of J.
+struct Multi {
+  int64_t J;
+  std::vector<int64_t> e;  // matrix of each product
+  bool broadcast;          // x has one row, shared by all J
+  int64_t xrow(int64_t j) const { return broadcast ? 0 : j; }
+};
+
+Multi multi_args(const at::Tensor& x, const at::Tensor& idx, int64_t E, const char* name) {
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, name, ": idx must be a 1-D int64 tensor");
+  const at::Tensor ic = idx.contiguous();
+  Multi mu{ic.size(0), std::vector<int64_t>(ic.data_ptr<int64_t>(), ic.data_ptr<int64_t>() + ic.size(0)),
+           x.size(0) == 1};
+  TORCH_CHECK(mu.broadcast || x.size(0) == mu.J, name, ": x must have 1 or len(idx) rows");
+  for (int64_t e : mu.e) TORCH_CHECK(e >= 0 && e < E, name, ": matrix index ", e, " out of range [0, ", E, ")");
+  return mu;
+}
+
+// f(j, lo, hi) for output rows [lo, hi) of product j, all J * N rows split across threads.
+template <typename F>
+void parallel_multi(int64_t J, int64_t N, F&& f) {
+  at::parallel_for(0, J * N, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo / N; j < J && j * N < hi; ++j) f(j, std::max(lo, j * N) - j * N, std::min(hi, (j + 1) * N) - j * N);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
-// int8: w[n, k] = scale[n] * q[n, k]. 16 weights -> vpmovsxbd -> vcvtdq2ps -> one FMA per
-// activation row (fp32 activations keep fp32 accuracy).
+// int8: w[n, k] = scale[n] * q[n, k]. Each activation row is quantized to int16 with its own scale
+// (x[m, k] ~= sx[m] * xq[m, k], error <= 2^-16 of the row's largest magnitude, finer than bf16 for
+// all but extreme outliers), so 32 weights take one vpmovsxbw and then one vpdpwssd (32 int16
+// products, summed in pairs into 16 int32 lanes) per activation row: a third of the vector work of
+// converting weights to fp32 for FMAs, which made the kernel compute-bound below the memory
+// bandwidth at one row and at ~1/3 of it at eight.
+
+// k per int32 partial sum: each lane adds kFlush / 16 products of magnitude <= 127 * 32767, which
+// stays below 2^31; partials are then converted and summed in fp32.
+constexpr int64_t kFlush = 4096;
 
 struct Int8Args {
   const int8_t* q;
   const float* scales;
-  const float* x;   // (rows, Kp) fp32, zero padded
-  float* y;         // (rows, N)
+  const int16_t* x;  // (rows, Kp) quantized activations, zero padded
+  const float* sx;   // (rows,) their scales
+  float* y;          // (rows, N)
   int64_t N, K, Kp;
 };
 
 template <int MB, int R>
 ALWAYS_INLINE void int8_block(const Int8Args& a, int64_t n0) {
-  __m512 acc[R][MB];
+  __m512 tot[R][MB];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
   const int8_t* q = a.q + n0 * a.K;
-  int64_t k = 0;
-  for (; k + 64 <= a.K; k += 64) {
-    prefetch_block<R>(q, k);
-    for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < 64; c += 16) {
-        const __m512 w =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + r * a.K + k + c))));
-        for (int m = 0; m < MB; ++m)
-          acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + m * a.Kp + k + c), acc[r][m]);
+  for (int64_t k0 = 0; k0 < a.K; k0 += kFlush) {
+    const int64_t k1 = std::min(a.K, k0 + kFlush);
+    __m512i acc[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_si512();
+    int64_t k = k0;
+    for (; k + 64 <= k1; k += 64) {
+      prefetch_block<R, 32768>(q, k);
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < 64; c += 32) {
+          const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(q + r * a.K + k + c)));
+          for (int m = 0; m < MB; ++m)
+            acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], w, _mm512_loadu_si512(a.x + m * a.Kp + k + c));
+        }
       }
     }
-  }
-  for (; k + 16 <= a.K; k += 16) {
-    for (int r = 0; r < R; ++r) {
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + r * a.K + k))));
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + m * a.Kp + k), acc[r][m]);
+    for (; k < k1; k += 32) {  // x is zero padded to Kp, so only the weight load is masked
+      const int64_t left = k1 - k;
+      const __mmask32 mask = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, q + r * a.K + k));
+        for (int m = 0; m < MB; ++m)
+          acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], w, _mm512_loadu_si512(a.x + m * a.Kp + k));
+      }
     }
-  }
-  if (k < a.K) {
-    const __mmask16 tail = (__mmask16)((1u << (a.K - k)) - 1);
-    for (int r = 0; r < R; ++r) {
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, q + r * a.K + k)));
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + m * a.Kp + k), acc[r][m]);
-    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_add_ps(tot[r][m], _mm512_cvtepi32_ps(acc[r][m]));
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) a.y[m * a.N + n0 + r] = a.scales[n0 + r] * _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MB; ++m)
+      a.y[m * a.N + n0 + r] = a.scales[n0 + r] * a.sx[m] * _mm512_reduce_add_ps(tot[r][m]);
 }
 
 template <int MB>
 void int8_rows(const Int8Args& a, int64_t lo, int64_t hi) {
-  // Enough independent FMA chains to cover latency, few enough accumulators for 32 registers.
-  constexpr int R = MB <= 2 ? 8 : MB <= 4 ? 4 : 2;
+  // Enough independent chains to cover latency, few enough accumulators for 32 registers.
+  constexpr int R = MB <= 1 ? 4 : MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
   int64_t n = lo;
   for (; n + R <= hi; n += R) int8_block<MB, R>(a, n);
   for (; n < hi; ++n) int8_block<MB, 1>(a, n);
 }
 
+// Activation rows -> int16 with one scale per row, zero padded to Kp.
+struct Int16Rows {
+  std::vector<int16_t> q;
+  std::vector<float> scale;
+};
+
+Int16Rows quantize_int16(const at::Tensor& x, int64_t Kp) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Int16Rows out{std::vector<int16_t>(M * Kp, 0), std::vector<float>(M)};
+  std::vector<float> xf(K);
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      xf[k] = x.scalar_type() == at::kFloat ? x.data_ptr<float>()[m * K + k]
+                                            : static_cast<float>(x.data_ptr<bf16>()[m * K + k]);
+      amax = std::max(amax, std::abs(xf[k]));
+    }
+    out.scale[m] = amax > 0.f ? amax / 32767.f : 1.f;
+    const float inv = 1.f / out.scale[m];
+    for (int64_t k = 0; k < K; ++k)
+      out.q[m * Kp + k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xf[k] * inv))));
+  }
+  return out;
+}
+
+void check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), name,
+              ": x must be (M, K) float32 or bfloat16");
+}
+
 at::Tensor int8_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales) {
   const at::Tensor x = x_.contiguous();
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "int8_gemv: x must be (M, K) float32 or bfloat16");
+  check_x(x, "int8_gemv");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
               qweight.size(1) == x.size(1), "int8_gemv: qweight must be contiguous (N, K) int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qweight.size(0),
               "int8_gemv: scales must be N contiguous float32");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), Kp = (K + 15) / 16 * 16;
-  std::vector<float> xf(M * Kp, 0.f), y(M * N);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k)
-      xf[m * Kp + k] = x.scalar_type() == at::kFloat ? x.data_ptr<float>()[m * K + k]
-                                                     : static_cast<float>(x.data_ptr<bf16>()[m * K + k]);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), Kp = (K + 31) / 32 * 32;
+  const Int16Rows xq = quantize_int16(x, Kp);
+  std::vector<float> y(M * N);
   parallel_rows(M, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
-    const Int8Args a{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), xf.data() + r0 * Kp, y.data() + r0 * N,
-                     N, K, Kp};
+    const Int8Args a{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), xq.q.data() + r0 * Kp,
+                     xq.scale.data() + r0, y.data() + r0 * N, N, K, Kp};
     DISPATCH_ROWS(mb, int8_rows, a, lo, hi);
   });
   return epilogue(y, x, N, false);
+}
+
+at::Tensor int8_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& idx) {
+  const at::Tensor x = x_.contiguous();
+  check_x(x, "int8_gemv_multi");
+  TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+              qweight.size(2) == x.size(1), "int8_gemv_multi: qweight must be contiguous (E, N, K) int8");
+  const int64_t E = qweight.size(0), N = qweight.size(1), K = x.size(1), Kp = (K + 31) / 32 * 32;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == E * N,
+              "int8_gemv_multi: scales must be (E, N, 1) contiguous float32");
+  const Multi mu = multi_args(x, idx, E, "int8_gemv_multi");
+  const Int16Rows xq = quantize_int16(x, Kp);
+  std::vector<float> y(mu.J * N);
+  parallel_multi(mu.J, N, [&](int64_t j, int64_t lo, int64_t hi) {
+    const Int8Args a{qweight.data_ptr<int8_t>() + mu.e[j] * N * K, scales.data_ptr<float>() + mu.e[j] * N,
+                     xq.q.data() + mu.xrow(j) * Kp, xq.scale.data() + mu.xrow(j), y.data() + j * N, N, K, Kp};
+    int8_rows<1>(a, lo, hi);
+  });
+  return epilogue(y, mu.J, N, false, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,40 +368,86 @@ void int4_rows(const Int4Args& a, int64_t lo, int64_t hi, __m512i gidx) {
   for (; n < hi; ++n) int4_block<MB, 1>(a, n, gidx);
 }
 
-at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& zeros, int64_t group_size) {
-  const at::Tensor x = x_.contiguous();
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "int4_gemv: x must be (M, K) float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = group_size;
-  TORCH_CHECK(G == 32 || G == 64 || G == 128, "int4_gemv: group_size must be 32, 64 or 128");
-  TORCH_CHECK(K % G == 0, "int4_gemv: group_size must divide K");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
-              qweight.size(1) * 2 == K, "int4_gemv: qweight must be contiguous (N, K/2) uint8");
-  const int64_t groups = K / G;
-  for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                t->size(1) == groups, "int4_gemv: scales and zeros must be contiguous (N, K/G) float32");
+// Activation rows permuted into the int4 kernel's order (bf16), with their per-group sums.
+struct Int4Rows {
+  BF16Rows rows;
+  int64_t Kp, groups;
+  std::vector<bf16> x;
+  std::vector<float> sums;
+};
+
+Int4Rows prepare_int4(const at::Tensor& x, int64_t G) {
+  const int64_t K = x.size(1), Kp = (K + 127) / 128 * 128, groups = K / G;
   const BF16Rows rows = bf16_rows(x);
-  const int64_t Kp = (K + 127) / 128 * 128;
-  std::vector<bf16> xp(rows.rows * Kp, bf16(0.f));
-  std::vector<float> sx(rows.rows * groups, 0.f), y(rows.rows * N);
+  Int4Rows out{rows, Kp, groups, std::vector<bf16>(rows.rows * Kp, bf16(0.f)),
+               std::vector<float>(rows.rows * groups, 0.f)};
   for_each_bf16_row(x, [&](int64_t r, const bf16* src) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t b = k / 128, j = (k % 128) / 4, t = k % 4;
-      xp[r * Kp + b * 128 + t * 32 + j] = src[k];
-      sx[r * groups + k / G] += static_cast<float>(src[k]);
+      out.x[r * Kp + b * 128 + t * 32 + j] = src[k];
+      out.sums[r * groups + k / G] += static_cast<float>(src[k]);
     }
   });
+  return out;
+}
+
+__m512i int4_group_index(int64_t G) {
   alignas(64) int32_t idx[16];
   for (int i = 0; i < 16; ++i) idx[i] = 8 * i / (int)G;
-  const __m512i gidx = _mm512_load_si512(idx);
-  parallel_rows(rows.rows, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
+  return _mm512_load_si512(idx);
+}
+
+// Checks the int4 weight (lead..., N, K/2) and its (lead..., N, K/G) scales/zeros; returns N.
+int64_t check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const at::Tensor& zeros, int64_t G, int64_t dims, const char* name) {
+  check_x(x, name);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(G == 32 || G == 64 || G == 128, name, ": group_size must be 32, 64 or 128");
+  TORCH_CHECK(K % G == 0, name, ": group_size must divide K");
+  TORCH_CHECK(qweight.dim() == dims && qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
+              qweight.size(dims - 1) * 2 == K, name, ": qweight must be contiguous (..., N, K/2) uint8");
+  const int64_t N = qweight.size(dims - 2);
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == dims &&
+                t->size(dims - 2) == N && t->size(dims - 1) == K / G && t->numel() * G == qweight.numel() * 2,
+                name, ": scales and zeros must be contiguous (..., N, K/G) float32");
+  return N;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& zeros, int64_t group_size) {
+  const at::Tensor x = x_.contiguous();
+  const int64_t N = check_int4(x, qweight, scales, zeros, group_size, 2, "int4_gemv"), K = x.size(1);
+  const Int4Rows xp = prepare_int4(x, group_size);
+  std::vector<float> y(xp.rows.rows * N);
+  const __m512i gidx = int4_group_index(group_size);
+  parallel_rows(xp.rows.rows, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
     const Int4Args a{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
-                     xp.data() + r0 * Kp, sx.data() + r0 * groups, y.data() + r0 * N, N, K, Kp, G, groups};
+                     xp.x.data() + r0 * xp.Kp, xp.sums.data() + r0 * xp.groups, y.data() + r0 * N,
+                     N, K, xp.Kp, group_size, xp.groups};
     DISPATCH_ROWS(mb, int4_rows, a, lo, hi, gidx);
   });
-  return epilogue(y, x, N, rows.pairs);
+  return epilogue(y, x, N, xp.rows.pairs);
+}
+
+at::Tensor int4_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t group_size, const at::Tensor& idx) {
+  const at::Tensor x = x_.contiguous();
+  const int64_t N = check_int4(x, qweight, scales, zeros, group_size, 3, "int4_gemv_multi"), K = x.size(1);
+  const Multi mu = multi_args(x, idx, qweight.size(0), "int4_gemv_multi");
+  const Int4Rows xp = prepare_int4(x, group_size);
+  const int64_t rp = xp.rows.pairs ? 2 : 1, groups = xp.groups;  // bf16 rows per input row
+  std::vector<float> y(mu.J * rp * N);
+  const __m512i gidx = int4_group_index(group_size);
+  parallel_multi(mu.J, N, [&](int64_t j, int64_t lo, int64_t hi) {
+    const int64_t e = mu.e[j], xr = mu.xrow(j) * rp;
+    const Int4Args a{qweight.data_ptr<uint8_t>() + e * N * (K / 2), scales.data_ptr<float>() + e * N * groups,
+                     zeros.data_ptr<float>() + e * N * groups, xp.x.data() + xr * xp.Kp,
+                     xp.sums.data() + xr * groups, y.data() + j * rp * N, N, K, xp.Kp, group_size, groups};
+    if (rp == 1) int4_rows<1>(a, lo, hi, gidx);
+    else int4_rows<2>(a, lo, hi, gidx);
+  });
+  return epilogue(y, mu.J, N, xp.rows.pairs, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,7 +468,7 @@ ALWAYS_INLINE void bf16_block(const BF16Args& a, int64_t n0) {
   const bf16* w = a.w + n0 * a.K;
   int64_t k = 0;
   for (; k + 32 <= a.K; k += 32) {
-    prefetch_block<R>(w, 2 * k);
+    prefetch_block<R, 8192>(w, 2 * k);
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(w + r * a.K + k);
       for (int m = 0; m < MB; ++m)
@@ -355,22 +495,47 @@ void bf16_rows_kernel(const BF16Args& a, int64_t lo, int64_t hi) {
   for (; n < hi; ++n) bf16_block<MB, 1>(a, n);
 }
 
+// Activation rows as bf16 (hi/lo pairs for float32), zero padded to Kp.
+std::vector<bf16> prepare_bf16(const at::Tensor& x, const BF16Rows& rows, int64_t Kp) {
+  std::vector<bf16> xb(rows.rows * Kp, bf16(0.f));
+  for_each_bf16_row(x, [&](int64_t r, const bf16* src) { std::copy(src, src + x.size(1), xb.data() + r * Kp); });
+  return xb;
+}
+
 at::Tensor bf16_gemv(const at::Tensor& x_, const at::Tensor& weight) {
   const at::Tensor x = x_.contiguous();
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "bf16_gemv: x must be (M, K) float32 or bfloat16");
+  check_x(x, "bf16_gemv");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
               weight.size(1) == x.size(1), "bf16_gemv: weight must be contiguous (N, K) bfloat16");
   const int64_t K = x.size(1), N = weight.size(0), Kp = (K + 31) / 32 * 32;
   const BF16Rows rows = bf16_rows(x);
-  std::vector<bf16> xb(rows.rows * Kp, bf16(0.f));
+  const std::vector<bf16> xb = prepare_bf16(x, rows, Kp);
   std::vector<float> y(rows.rows * N);
-  for_each_bf16_row(x, [&](int64_t r, const bf16* src) { std::copy(src, src + K, xb.data() + r * Kp); });
   parallel_rows(rows.rows, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
     const BF16Args a{weight.data_ptr<bf16>(), xb.data() + r0 * Kp, y.data() + r0 * N, N, K, Kp};
     DISPATCH_ROWS(mb, bf16_rows_kernel, a, lo, hi);
   });
   return epilogue(y, x, N, rows.pairs);
+}
+
+at::Tensor bf16_gemv_multi(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& idx) {
+  const at::Tensor x = x_.contiguous();
+  check_x(x, "bf16_gemv_multi");
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+              weight.size(2) == x.size(1), "bf16_gemv_multi: weight must be contiguous (E, N, K) bfloat16");
+  const int64_t N = weight.size(1), K = x.size(1), Kp = (K + 31) / 32 * 32;
+  const Multi mu = multi_args(x, idx, weight.size(0), "bf16_gemv_multi");
+  const BF16Rows rows = bf16_rows(x);
+  const int64_t rp = rows.pairs ? 2 : 1;
+  const std::vector<bf16> xb = prepare_bf16(x, rows, Kp);
+  std::vector<float> y(mu.J * rp * N);
+  parallel_multi(mu.J, N, [&](int64_t j, int64_t lo, int64_t hi) {
+    const BF16Args a{weight.data_ptr<bf16>() + mu.e[j] * N * K, xb.data() + mu.xrow(j) * rp * Kp,
+                     y.data() + j * rp * N, N, K, Kp};
+    if (rp == 1) bf16_rows_kernel<1>(a, lo, hi);
+    else bf16_rows_kernel<2>(a, lo, hi);
+  });
+  return epilogue(y, mu.J, N, rows.pairs, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,6 +621,10 @@ TORCH_LIBRARY(qwen3vl_kernels, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor", &int8_gemv);
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
+  m.def("int8_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor idx) -> Tensor", &int8_gemv_multi);
+  m.def("int4_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor idx) -> Tensor",
+        &int4_gemv_multi);
+  m.def("bf16_gemv_multi(Tensor x, Tensor weight, Tensor idx) -> Tensor", &bf16_gemv_multi);
   m.def("int8_dequant(Tensor qweight, Tensor scales, Tensor(a!) out) -> ()", &int8_dequant);
   m.def("int4_dequant(Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor(a!) out) -> ()",
         &int4_dequant);

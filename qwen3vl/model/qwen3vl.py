@@ -17,7 +17,7 @@ from ..config import Qwen3VLConfig
 from ..weights import load_checkpoint
 from .positions import PlaceholderMismatch, mrope_positions
 from .rope import TextRope
-from .text import AttnContext, Linear, TextDecoder
+from .text import AttnContext, Linear, SparseMoE, TextDecoder
 from .vision import VisionEncoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -120,9 +120,12 @@ class Qwen3VL(nn.Module):
 
         linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
                    and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
-        if linears and kernels.available():
+        moes = [m for m in self.modules() if isinstance(m, SparseMoE) and _multi_kernel_experts(m)]
+        if (linears or moes) and kernels.available():
             for m in linears:
                 m.use_kernels = True
+            for m in moes:
+                m.multi_kernels = True
 
     @torch.no_grad()
     def init_random(self, std: float = 0.02, seed: int = 0) -> None:
@@ -280,6 +283,15 @@ class Qwen3VL(nn.Module):
                     done[i] = True
                 pieces.append(piece)
             yield pieces[0] if len(pieces) == 1 else pieces
+
+
+def _multi_kernel_experts(moe: SparseMoE) -> bool:
+    """Whether the compiled kernels can run this block's experts: bf16 CPU stacks, or quantized
+    experts that use the compiled kernels (``qwen3vl.quant``)."""
+    if isinstance(moe.gate_up_proj, torch.Tensor):
+        return all(p.dtype == torch.bfloat16 and p.device.type == "cpu" and p.is_contiguous()
+                   for p in (moe.gate_up_proj, moe.down_proj))
+    return bool(getattr(moe.gate_up_proj, "ext_kernels", False))
 
 
 def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:

@@ -152,10 +152,13 @@ class SparseMoE(nn.Module):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.intermediate, self.norm_topk = cfg.num_experts_per_tok, i, cfg.norm_topk_prob
-        self.gate = nn.Linear(h, e, bias=False)
+        self.gate = Linear(h, e, bias=False)  # router; bf16 decode uses the compiled kernel too
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed, for inspection
+        # Set at load (Qwen3VL.select_kernels) when the compiled kernels can run a token's k experts
+        # in one call (bf16 or quantized CPU experts).
+        self.multi_kernels = False
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, H) -> weights (N, k) in x.dtype, experts (N, k)."""
@@ -167,15 +170,15 @@ class SparseMoE(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert ``e``: (n, H) -> (n, H)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).split(self.intermediate, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = _expert_linear(self.gate_up_proj, e, x).split(self.intermediate, dim=-1)
+        return _expert_linear(self.down_proj, e, F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         weights, experts = self.route(x)  # (N, k)
         flat = experts.reshape(-1)  # (N*k,)
-        self.last_expert_counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
+        self.last_expert_counts = torch.bincount(flat, minlength=self.gate.out_features)  # (E,)
         if x.shape[0] == 1:
             return self._one_token(x, weights[0], flat).reshape(shape)
         order = flat.argsort(stable=True)
@@ -196,12 +199,36 @@ class SparseMoE(nn.Module):
         one host sync (``tolist``) for the k indices, no sort, no gather (copy) of weights.
         ``torch.mv`` rather than ``F.linear``: on CPU its bf16 matrix-vector kernel streams these
         small (6 MB / 3 MB) expert matrices ~1.2-1.4x faster (measured at 30B-A3B shapes)."""
+        if self.multi_kernels:  # all k experts in one kernel call per projection, no host sync
+            h = _experts_multi(self.gate_up_proj, x, experts)  # (k, 2I)
+            y = _experts_multi(self.down_proj, F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :], experts)
+            return (y * weights[:, None]).sum(0, keepdim=True)  # (k, H) -> (1, H)
+        if not isinstance(self.gate_up_proj, torch.Tensor):  # quantized experts, stock kernels
+            out = torch.zeros_like(x)
+            for j, e in enumerate(experts.tolist()):
+                out.add_(self.expert(e, x) * weights[j])
+            return out
         v = x[0]  # (H,)
         out = torch.zeros_like(v)
         for j, e in enumerate(experts.tolist()):
             gate, up = torch.mv(self.gate_up_proj[e], v).split(self.intermediate)  # (I,), (I,)
             out.add_(torch.mv(self.down_proj[e], F.silu(gate) * up) * weights[j])
         return out[None]  # (1, H)
+
+
+def _experts_multi(w, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """x (1 or k, K) @ the k ``experts``' matrices.T -> (k, N), one compiled-kernel call."""
+    if isinstance(w, torch.Tensor):
+        from .. import kernels
+
+        return kernels.bf16_gemv_multi(x, w, experts)
+    return w.linear_multi(x, experts)
+
+
+def _expert_linear(w, e: int, x: torch.Tensor) -> torch.Tensor:
+    """x (n, K) @ expert e's (N, K) matrix.T: a stacked (E, N, K) parameter, or quantized
+    experts (``qwen3vl.quant.QuantExperts``) that stand in its place."""
+    return F.linear(x, w[e]) if isinstance(w, torch.Tensor) else w.linear(e, x)
 
 
 class DecoderLayer(nn.Module):
