@@ -164,6 +164,7 @@ def run_reference(path: str, inputs: dict, new: int, repeats: int) -> tuple[dict
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
     mm = torch.zeros_like(inputs["input_ids"], dtype=torch.int)  # text only: no image/video tokens
 
