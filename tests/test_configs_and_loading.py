@@ -178,3 +178,17 @@ def test_meta_build_has_no_uninitialised_rotary_tables():
     model = qwen3vl.Qwen3VL.from_config(TINY_CONFIG, device="meta")
     cos, sin = model.rope(torch.zeros(3, 1, 4, dtype=torch.long), torch.float32)
     assert torch.equal(cos, torch.ones_like(cos)) and torch.equal(sin, torch.zeros_like(sin))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_loaded_under_inference_mode_runs(tiny_ckpt, dtype):
+    """Weights created inside torch.inference_mode (no version counters) work, in and out of it."""
+    from model_inputs import Builder, batch
+
+    inputs = batch(Builder(3).text(6))
+    expected = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype=dtype)(**inputs).logits
+    with torch.inference_mode():
+        model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype=dtype)
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert ids.shape == (1, 9)

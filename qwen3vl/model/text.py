@@ -114,12 +114,17 @@ class Attention(nn.Module):
     def _qk_norm_weight(self) -> torch.Tensor:
         """(nh+nkv, D) per-head norm weights, rebuilt only when a weight changed (load, to())."""
         q, k = self.q_norm.weight, self.k_norm.weight
-        # Inference-mode tensors cannot enter autograd-tracked calls, hence the mode in the key.
-        key = (q.data_ptr(), q._version, k.data_ptr(), k._version, q.dtype, torch.is_inference_mode_enabled())
+        # Inference-mode tensors cannot enter autograd-tracked calls, hence the mode in the key;
+        # weights created under inference mode (a model loaded inside it) have no version counter.
+        key = (q.data_ptr(), _version(q), k.data_ptr(), _version(k), q.dtype, torch.is_inference_mode_enabled())
         if getattr(self, "_qk_key", None) != key:
             self._qk_weight = torch.cat((q.detach().expand(self.nh, self.hd), k.detach().expand(self.nkv, self.hd)))
             self._qk_key = key
         return self._qk_weight
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
 
 
 class MLP(nn.Module):
