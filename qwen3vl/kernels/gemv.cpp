@@ -289,47 +289,46 @@ at::Tensor int8_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, cons
 
 // ---------------------------------------------------------------------------------------------
 // int4: w[n, k] = (code - 8) * scale[n, g] + zero[n, g], codes as nibble pairs (even k low).
-// A 64-byte load holds 128 codes; 16-bit lane j holds k = 4j + t in nibble t. OR-ing a nibble
-// into 0x4300 makes the bf16 number 128 + code exactly, so vdpbf16ps gives
-// D_g = sum_k x (128 + code) per fp32 lane, and per group
-//   sum_k x w = scale * D_g + sum_g(x) * (zero - 136 * scale).
-// Activations are permuted to match (block of 128: 32 lanes for t = 0, then t = 1, 2, 3).
-// fp32 lane i of a block covers k in [8i, 8i + 8), i.e. group 8i / G of the block.
+// Activations are quantized to int8 per block of 128 k of each row (x ~= xs[b] * xq, error <=
+// 1/254 of the block's largest magnitude: small next to 4-bit weight rounding), so a 64-byte
+// load of 128 codes gives 64 even-k codes (low nibbles) and 64 odd-k codes (high nibbles) as
+// bytes, and two vpdpbusd (u8 code x s8 activation, 4 products per int32 lane) per activation row
+// replace four bf16 dot products. int32 lane i covers k in [8i, 8i + 8) of the block, i.e. group
+// 8i / G, and per group
+//   sum_k xq w = scale * D_g + sum_g(xq) * (zero - 8 * scale).
+// Activations are stored per block as 64 even-k then 64 odd-k values to match.
 
 struct Int4Args {
   const uint8_t* q;
   const float* scales;
   const float* zeros;
-  const bf16* x;    // (rows, Kp) permuted, zero padded
-  const float* sx;  // (rows, groups) sums of x per group
-  float* y;         // (rows, N)
+  const int8_t* x;   // (rows, Kp) quantized, permuted, zero padded
+  const float* xs;   // (rows, Kp / 128) block scales
+  const float* sx;   // (rows, groups) sums of the quantized activations (times their scale) per group
+  float* y;          // (rows, N)
   int64_t N, K, Kp, G, groups;
 };
 
 template <int MB, int R, bool TAIL>
 ALWAYS_INLINE void int4_step(const Int4Args& a, int64_t n0, int64_t b, __m512 (&tot)[R][MB], __mmask64 bmask,
                              __mmask16 gmask, __m512i gidx) {
-  const __m512i low4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int64_t gpb = 128 / a.G;  // groups per block
+  const int64_t nb = a.Kp / 128;
   if (!TAIL) prefetch_block<R>(a.q + n0 * (a.K / 2), b * 64);
   for (int r = 0; r < R; ++r) {
     const uint8_t* p = a.q + (n0 + r) * (a.K / 2) + b * 64;
     const __m512i v = TAIL ? _mm512_maskz_loadu_epi8(bmask, p) : _mm512_loadu_si512(p);
-    // (A & B) | C  -> ternary-logic immediate 0xEA
-    const __m512i w0 = _mm512_ternarylogic_epi32(v, low4, bias, 0xEA);
-    const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low4, bias, 0xEA);
-    const __m512i w2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low4, bias, 0xEA);
-    const __m512i w3 = _mm512_or_si512(_mm512_srli_epi16(v, 12), bias);
+    const __m512i even = _mm512_and_si512(v, low4);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     const float* sp = a.scales + (n0 + r) * a.groups + b * gpb;
     const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, sp));
     for (int m = 0; m < MB; ++m) {
-      const bf16* xp = a.x + m * a.Kp + b * 128;
-      // Two short dependency chains instead of one of four (dpbf16 latency, not throughput, bound).
-      __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(w0), as_bh(_mm512_loadu_si512(xp)));
-      __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(w1), as_bh(_mm512_loadu_si512(xp + 32)));
-      d0 = _mm512_dpbf16_ps(d0, as_bh(w2), as_bh(_mm512_loadu_si512(xp + 64)));
-      d1 = _mm512_dpbf16_ps(d1, as_bh(w3), as_bh(_mm512_loadu_si512(xp + 96)));
-      tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), sv, tot[r][m]);
+      const int8_t* xp = a.x + m * a.Kp + b * 128;
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xp));
+      d = _mm512_dpbusd_epi32(d, odd, _mm512_loadu_si512(xp + 64));
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.xs[m * nb + b]));
+      tot[r][m] = _mm512_fmadd_ps(t, sv, tot[r][m]);
     }
   }
 }
@@ -344,8 +343,8 @@ ALWAYS_INLINE void int4_block(const Int4Args& a, int64_t n0, __m512i gidx) {
   for (int64_t b = 0; b < full; ++b) int4_step<MB, R, false>(a, n0, b, tot, ~0ull, gmask, gidx);
   if (tail)
     int4_step<MB, R, true>(a, n0, full, tot, (1ull << (tail / 2)) - 1, (__mmask16)((1u << (tail / a.G)) - 1), gidx);
-  // Zero-point term: sum_g sx[g] * (zero[g] - 136 * scale[g]).
-  const __m512 c136 = _mm512_set1_ps(136.f);
+  // Zero-point term: sum_g sx[g] * (zero[g] - 8 * scale[g]).
+  const __m512 c8 = _mm512_set1_ps(8.f);
   for (int r = 0; r < R; ++r) {
     const float* s = a.scales + (n0 + r) * a.groups;
     const float* z = a.zeros + (n0 + r) * a.groups;
@@ -353,7 +352,7 @@ ALWAYS_INLINE void int4_block(const Int4Args& a, int64_t n0, __m512i gidx) {
     for (int m = 0; m < MB; ++m) zc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < a.groups; g += 16) {
       const __mmask16 gm = a.groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.groups - g)) - 1);
-      const __m512 c = _mm512_fnmadd_ps(c136, _mm512_maskz_loadu_ps(gm, s + g), _mm512_maskz_loadu_ps(gm, z + g));
+      const __m512 c = _mm512_fnmadd_ps(c8, _mm512_maskz_loadu_ps(gm, s + g), _mm512_maskz_loadu_ps(gm, z + g));
       for (int m = 0; m < MB; ++m) zc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(gm, a.sx + m * a.groups + g), c, zc[m]);
     }
     for (int m = 0; m < MB; ++m) a.y[m * a.N + n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(tot[r][m], zc[m]));
@@ -368,26 +367,36 @@ void int4_rows(const Int4Args& a, int64_t lo, int64_t hi, __m512i gidx) {
   for (; n < hi; ++n) int4_block<MB, 1>(a, n, gidx);
 }
 
-// Activation rows permuted into the int4 kernel's order (bf16), with their per-group sums.
+// Activation rows quantized and permuted into the int4 kernel's order, with block scales and
+// per-group sums.
 struct Int4Rows {
-  BF16Rows rows;
   int64_t Kp, groups;
-  std::vector<bf16> x;
-  std::vector<float> sums;
+  std::vector<int8_t> x;
+  std::vector<float> scales, sums;
 };
 
 Int4Rows prepare_int4(const at::Tensor& x, int64_t G) {
-  const int64_t K = x.size(1), Kp = (K + 127) / 128 * 128, groups = K / G;
-  const BF16Rows rows = bf16_rows(x);
-  Int4Rows out{rows, Kp, groups, std::vector<bf16>(rows.rows * Kp, bf16(0.f)),
-               std::vector<float>(rows.rows * groups, 0.f)};
-  for_each_bf16_row(x, [&](int64_t r, const bf16* src) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t b = k / 128, j = (k % 128) / 4, t = k % 4;
-      out.x[r * Kp + b * 128 + t * 32 + j] = src[k];
-      out.sums[r * groups + k / G] += static_cast<float>(src[k]);
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 127) / 128 * 128, groups = K / G, nb = Kp / 128;
+  Int4Rows out{Kp, groups, std::vector<int8_t>(M * Kp, 0), std::vector<float>(M * nb), std::vector<float>(M * groups, 0.f)};
+  std::vector<float> xf(K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k)
+      xf[k] = x.scalar_type() == at::kFloat ? x.data_ptr<float>()[m * K + k]
+                                            : static_cast<float>(x.data_ptr<bf16>()[m * K + k]);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(xf[k]));
+      const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+      out.scales[m * nb + b] = scale;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float q = std::max(-127.f, std::min(127.f, std::nearbyint(xf[k] * inv)));
+        const int64_t j = k - k0;
+        out.x[m * Kp + k0 + (j % 2) * 64 + j / 2] = static_cast<int8_t>(q);
+        out.sums[m * groups + k / G] += q * scale;
+      }
     }
-  });
+  }
   return out;
 }
 
@@ -418,16 +427,18 @@ at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::
                      const at::Tensor& zeros, int64_t group_size) {
   const at::Tensor x = x_.contiguous();
   const int64_t N = check_int4(x, qweight, scales, zeros, group_size, 2, "int4_gemv"), K = x.size(1);
+  const int64_t M = x.size(0);
   const Int4Rows xp = prepare_int4(x, group_size);
-  std::vector<float> y(xp.rows.rows * N);
+  const int64_t nb = xp.Kp / 128;
+  std::vector<float> y(M * N);
   const __m512i gidx = int4_group_index(group_size);
-  parallel_rows(xp.rows.rows, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
+  parallel_rows(M, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
     const Int4Args a{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
-                     xp.x.data() + r0 * xp.Kp, xp.sums.data() + r0 * xp.groups, y.data() + r0 * N,
-                     N, K, xp.Kp, group_size, xp.groups};
+                     xp.x.data() + r0 * xp.Kp, xp.scales.data() + r0 * nb, xp.sums.data() + r0 * xp.groups,
+                     y.data() + r0 * N, N, K, xp.Kp, group_size, xp.groups};
     DISPATCH_ROWS(mb, int4_rows, a, lo, hi, gidx);
   });
-  return epilogue(y, x, N, xp.rows.pairs);
+  return epilogue(y, x, N, false);
 }
 
 at::Tensor int4_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales,
@@ -436,18 +447,17 @@ at::Tensor int4_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, cons
   const int64_t N = check_int4(x, qweight, scales, zeros, group_size, 3, "int4_gemv_multi"), K = x.size(1);
   const Multi mu = multi_args(x, idx, qweight.size(0), "int4_gemv_multi");
   const Int4Rows xp = prepare_int4(x, group_size);
-  const int64_t rp = xp.rows.pairs ? 2 : 1, groups = xp.groups;  // bf16 rows per input row
-  std::vector<float> y(mu.J * rp * N);
+  const int64_t groups = xp.groups, nb = xp.Kp / 128;
+  std::vector<float> y(mu.J * N);
   const __m512i gidx = int4_group_index(group_size);
   parallel_multi(mu.J, N, [&](int64_t j, int64_t lo, int64_t hi) {
-    const int64_t e = mu.e[j], xr = mu.xrow(j) * rp;
+    const int64_t e = mu.e[j], xr = mu.xrow(j);
     const Int4Args a{qweight.data_ptr<uint8_t>() + e * N * (K / 2), scales.data_ptr<float>() + e * N * groups,
-                     zeros.data_ptr<float>() + e * N * groups, xp.x.data() + xr * xp.Kp,
-                     xp.sums.data() + xr * groups, y.data() + j * rp * N, N, K, xp.Kp, group_size, groups};
-    if (rp == 1) int4_rows<1>(a, lo, hi, gidx);
-    else int4_rows<2>(a, lo, hi, gidx);
+                     zeros.data_ptr<float>() + e * N * groups, xp.x.data() + xr * xp.Kp, xp.scales.data() + xr * nb,
+                     xp.sums.data() + xr * groups, y.data() + j * N, N, K, xp.Kp, group_size, groups};
+    int4_rows<1>(a, lo, hi, gidx);
   });
-  return epilogue(y, mu.J, N, xp.rows.pairs, x.options());
+  return epilogue(y, mu.J, N, false, x.options());
 }
 
 // ---------------------------------------------------------------------------------------------
