@@ -148,6 +148,8 @@ class SparseMoE(nn.Module):
     on a view (no copy of expert weights is ever made). Tokens are grouped by expert with one
     sort, so the Python loop runs over the experts that were hit, never over tokens; a single
     token (batch-1 decode) skips the sort and reads only its k experts' weights.
+    ``gate_up_proj`` / ``down_proj`` may be replaced by quantized stacks at load
+    (``qwen3vl.quant.QuantExperts``, same (E, N, K) view per expert).
 
     ``norm_topk_prob`` is honoured; the reference renormalises whatever the flag says (every
     released Qwen3-VL MoE config sets it to true, where the two agree).
@@ -202,8 +204,10 @@ class SparseMoE(nn.Module):
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: (1, H), weights/experts: (k,). The k experts in routing order, accumulated in place;
         one host sync (``tolist``) for the k indices, no sort, no gather (copy) of weights.
-        ``torch.mv`` rather than ``F.linear``: on CPU its bf16 matrix-vector kernel streams these
-        small (6 MB / 3 MB) expert matrices ~1.2-1.4x faster (measured at 30B-A3B shapes)."""
+        With the compiled kernels (bf16 or quantized CPU experts) all k experts run in one call
+        per projection and there is no host sync at all. Otherwise ``torch.mv`` rather than
+        ``F.linear``: on CPU its bf16 matrix-vector kernel streams these small (6 MB / 3 MB)
+        expert matrices ~1.2-1.4x faster (measured at 30B-A3B shapes)."""
         if self.multi_kernels:  # all k experts in one kernel call per projection, no host sync
             h = _experts_multi(self.gate_up_proj, x, experts)  # (k, 2I)
             y = _experts_multi(self.down_proj, F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :], experts)
@@ -223,11 +227,7 @@ class SparseMoE(nn.Module):
 
 def _experts_multi(w, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """x (1 or k, K) @ the k ``experts``' matrices.T -> (k, N), one compiled-kernel call."""
-    if isinstance(w, torch.Tensor):
-        from .. import kernels
-
-        return kernels.bf16_gemv_multi(x, w, experts)
-    return w.linear_multi(x, experts)
+    return kernels.bf16_gemv_multi(x, w, experts) if isinstance(w, torch.Tensor) else w.linear_multi(x, experts)
 
 
 def _expert_linear(w, e: int, x: torch.Tensor) -> torch.Tensor:
