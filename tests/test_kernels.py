@@ -251,3 +251,19 @@ def test_multi_kernels_reject_bad_indices():
         kernels.bf16_gemv_multi(torch.zeros(1, 64), w, torch.tensor([0, 3]))
     with pytest.raises(RuntimeError, match="1 or len\\(idx\\) rows"):
         kernels.bf16_gemv_multi(torch.zeros(3, 64), w, torch.tensor([0, 1]))
+
+
+@needs_ext
+@pytest.mark.parametrize("shape,heads", [((1, 1, 2048), 0), ((8, 1, 40, 128), 40), ((3, 70), 0), ((2, 5, 33), 0)])
+def test_rms_norm_bf16_matches_the_model_definition(shape, heads):
+    """One weight for all rows, or per head (row r uses weight row r % heads); same arithmetic as
+    the stock path, so only a rare double-rounding differs (by a unit in the last place)."""
+    g = torch.Generator().manual_seed(6)
+    d = shape[-1]
+    x = (torch.randn(shape, generator=g) * 3).bfloat16()
+    w = (torch.rand((heads, d) if heads else (d,), generator=g) + 0.5).bfloat16()
+    expected = w * torch.nn.functional.rms_norm(x.float(), (d,), None, 1e-6).to(torch.bfloat16)
+    got = kernels.rms_norm_bf16(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    assert float((got != expected).float().mean()) < 1e-3
+    assert bool(((got.float() - expected.float()).abs() <= expected.float().abs() * 2**-6).all())

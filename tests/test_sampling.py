@@ -174,6 +174,18 @@ def test_min_new_tokens_blocks_all_stop_ids():
     assert ids == [2, 2, 2, 6]
 
 
+def test_scratch_logits_are_masked_in_place_with_the_same_result():
+    """generate() hands the sampler its own logits buffer (scratch=True): same ids, no copy."""
+    vocab = 8
+    logits = torch.full((1, vocab), -5.0)
+    logits[0, 6], logits[0, 2] = 10.0, 1.0
+    params = SamplingParams(do_sample=False, min_new_tokens=2, stop_token_ids=[6])
+    kept, scratch = logits.clone(), logits.clone()
+    assert Sampler()(kept, state_for(params, [1], vocab)).item() == 2 and torch.equal(kept, logits)
+    assert Sampler()(scratch, state_for(params, [1], vocab), scratch=True).item() == 2
+    assert scratch[0, 6] == float("-inf")  # masked where it lay
+
+
 def test_min_new_tokens_blocks_eos_when_sampling():
     vocab = 4
     logits = torch.tensor([2.0, 0.0, 0.0, 5.0])

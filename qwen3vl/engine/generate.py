@@ -65,7 +65,7 @@ def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingPara
     cos, sin = model.rope(prompt.positions, model.dtype)
     win = Window(cache, slice(0, b), 0, mask.to(device), t)
     hidden = decoder(prompt.embeds, AttnContext(cos, sin, win.mask, win), prompt.visual_mask, prompt.deepstack)
-    logits = model.lm_head(hidden[:, -1]).float()  # (B, V)
+    logits = model.lm_head(hidden[:, -1]).float()  # (B, V), owned here: reused as every step's buffer
 
     state = SamplingState.new(rows, [ids[i][mask[i]] for i in range(b)], logits.shape[-1], device)
     sampler = Sampler()
@@ -80,7 +80,7 @@ def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingPara
     steps = prompt.next_position.to(device)[:, None] + torch.arange(max_new, device=device)  # (B, new)
     cos_all, sin_all = model.rope(steps[None].expand(3, b, max_new), model.dtype)  # (B, new, D)
     for step in range(max_new):
-        tokens = sampler(logits, state)  # (B,)
+        tokens = sampler(logits, state, scratch=True)  # (B,)
         tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
         stopped = (tokens[:, None] == stop_ids).any(1) & ~finished
         finished = finished | stopped | (limits <= step + 1)
@@ -90,7 +90,7 @@ def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingPara
         win = Window(cache, slice(0, b), t + step, None, 1)
         x = decoder.embed_tokens(tokens[:, None])  # (B, 1, H)
         hidden = decoder(x, AttnContext(cos_all[:, step : step + 1], sin_all[:, step : step + 1], win.mask, win))
-        logits = model.lm_head(hidden[:, -1]).float()
+        logits.copy_(model.lm_head(hidden[:, -1]))  # into the same buffer: no fresh (B, V) pages per step
 
 
 def generate(model, batch: dict, params: SamplingParams | list[SamplingParams], streamer=None) -> torch.Tensor:

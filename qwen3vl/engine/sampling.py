@@ -301,10 +301,12 @@ class SamplingState:
             self.output_counts[self.rows, next_ids.to(self.device)] += 1
 
 
-def apply_penalties(logits: Tensor, state: SamplingState) -> Tensor:
+def apply_penalties(logits: Tensor, state: SamplingState, scratch: bool = False) -> Tensor:
     """Repetition, presence and frequency penalties, then min_new_tokens masking of stop ids; (B, V) float32.
 
     Rows whose penalty is neutral come out bit-identical (multiplying or dividing by 1, subtracting 0).
+    ``scratch``: the caller does not need ``logits`` afterwards, so they may be masked in place
+    (a fresh (B, V) copy per decode step is a measurable share of a small model's step).
     """
     out = logits.float()  # (B, V)
     counts = state.output_counts  # (B, V) int32 or None
@@ -318,7 +320,7 @@ def apply_penalties(logits: Tensor, state: SamplingState) -> Tensor:
             out = out - state.frequency_penalty[:, None] * counts - state.presence_penalty[:, None] * generated
     if state.stop_cols is not None:
         blocked = state.stop_valid & (state.num_generated < state.min_new_tokens)[:, None]  # (B, W)
-        out = out.clone() if out is logits else out
+        out = out.clone() if out is logits and not scratch else out
         out.scatter_(1, state.stop_cols, out.gather(1, state.stop_cols).masked_fill(blocked, -math.inf))
     return out
 
@@ -414,11 +416,12 @@ class Sampler:
     the warpers or the randomness of the sampled rows. The call advances ``state`` by the returned ids.
     """
 
-    def __call__(self, logits: Tensor, state: SamplingState) -> Tensor:
+    def __call__(self, logits: Tensor, state: SamplingState, scratch: bool = False) -> Tensor:
+        """One token per row; ``scratch``: ``logits`` may be overwritten (see ``apply_penalties``)."""
         if logits.shape != (len(state), state.vocab_size):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the sampling state "
                              f"({len(state)} rows, vocab {state.vocab_size})")
-        logits = apply_penalties(logits, state)  # (B, V)
+        logits = apply_penalties(logits, state, scratch)  # (B, V)
         if state.all_sampled:
             next_ids = self._sample(logits, state)
         else:

@@ -142,6 +142,16 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x.float() @ weight.float().t()).to(x.dtype)
 
 
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16 RMS normalisation (fp32 inside, as the model defines it) of x (..., D) with weight
+    (W, D): row r of x uses weight row r % W. For decode: one pass, a single thread."""
+    if available():
+        return torch.ops.qwen3vl_kernels.rms_norm_bf16(x, weight, eps)
+    d = x.shape[-1]
+    y = torch.nn.functional.rms_norm(x.float(), (d,), None, eps).to(x.dtype).view(-1, weight.numel() // d, d)
+    return (weight.view(-1, d) * y).view(x.shape)
+
+
 def int8_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if available():
         return torch.ops.qwen3vl_kernels.int8_gemv_multi(x, qweight, scales, idx)

@@ -30,11 +30,18 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+_NORM_KERNEL_MAX = 2**16  # elements: decode-sized inputs; prefill keeps the parallel stock kernel
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in float32 and scale in the input dtype, exactly like the reference. ``weight``
     is (D,) or per head (heads, D)."""
     if x.dtype == torch.float32 and weight.dim() == 1:  # the fused kernel is bit-identical in fp32
         return F.rms_norm(x, weight.shape, weight, eps)
+    if (x.dtype == weight.dtype == torch.bfloat16 and x.numel() <= _NORM_KERNEL_MAX and x.device.type == "cpu"
+            and kernels.available()):
+        # Decode: the compiled one-pass version (same arithmetic, sums in another order).
+        return kernels.rms_norm_bf16(x, weight, eps)
     # Normalised by the fused fp32 kernel (bit-identical to x * rsqrt(mean(x^2) + eps), fewer
     # ops: decode of small models is per-op overhead), rounded to x's dtype, then scaled.
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
