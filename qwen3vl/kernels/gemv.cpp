@@ -45,6 +45,42 @@ ALWAYS_INLINE void prefetch_block(const void* block, int64_t done) {
 
 ALWAYS_INLINE __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
+// Activation row m of x (float32 or bfloat16) as float32 in dst[0, K).
+void row_to_float(const at::Tensor& x, int64_t m, float* dst) {
+  const int64_t K = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    std::copy(x.data_ptr<float>() + m * K, x.data_ptr<float>() + (m + 1) * K, dst);
+    return;
+  }
+  const bf16* src = x.data_ptr<bf16>() + m * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    _mm512_storeu_ps(dst + k, _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(src + k))));
+  for (; k < K; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
+// max |v| over v[0, n).
+float abs_max(const float* v, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, v + k)));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+// q[k] = clamp(round_half_even(v[k] * inv), -limit, limit) for k < n, as int32 (vcvtps2dq rounds
+// to nearest even, like std::nearbyint in the default rounding mode).
+void quantize_span(const float* v, int64_t n, float inv, int32_t limit, int32_t* q) {
+  const __m512 vi = _mm512_set1_ps(inv);
+  const __m512i hi = _mm512_set1_epi32(limit), lo = _mm512_set1_epi32(-limit);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mask = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + k), vi));
+    _mm512_mask_storeu_epi32(q + k, mask, _mm512_max_epi32(lo, _mm512_min_epi32(hi, r)));
+  }
+}
+
 // Activation rows as bf16 for the vdpbf16ps kernels: bf16 input is used as is (exact products);
 // float32 input is split into hi + lo bf16 rows (x ~= hi + lo to ~2^-17), summed in the epilogue.
 struct BF16Rows {
@@ -229,17 +265,13 @@ Int16Rows quantize_int16(const at::Tensor& x, int64_t Kp) {
   const int64_t M = x.size(0), K = x.size(1);
   Int16Rows out{std::vector<int16_t>(M * Kp, 0), std::vector<float>(M)};
   std::vector<float> xf(K);
+  std::vector<int32_t> q(K);
   for (int64_t m = 0; m < M; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      xf[k] = x.scalar_type() == at::kFloat ? x.data_ptr<float>()[m * K + k]
-                                            : static_cast<float>(x.data_ptr<bf16>()[m * K + k]);
-      amax = std::max(amax, std::abs(xf[k]));
-    }
+    row_to_float(x, m, xf.data());
+    const float amax = abs_max(xf.data(), K);
     out.scale[m] = amax > 0.f ? amax / 32767.f : 1.f;
-    const float inv = 1.f / out.scale[m];
-    for (int64_t k = 0; k < K; ++k)
-      out.q[m * Kp + k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(xf[k] * inv))));
+    quantize_span(xf.data(), K, 1.f / out.scale[m], 32767, q.data());
+    for (int64_t k = 0; k < K; ++k) out.q[m * Kp + k] = static_cast<int16_t>(q[k]);
   }
   return out;
 }
@@ -379,21 +411,21 @@ Int4Rows prepare_int4(const at::Tensor& x, int64_t G) {
   const int64_t M = x.size(0), K = x.size(1), Kp = (K + 127) / 128 * 128, groups = K / G, nb = Kp / 128;
   Int4Rows out{Kp, groups, std::vector<int8_t>(M * Kp, 0), std::vector<float>(M * nb), std::vector<float>(M * groups, 0.f)};
   std::vector<float> xf(K);
+  int32_t q[128];
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k)
-      xf[k] = x.scalar_type() == at::kFloat ? x.data_ptr<float>()[m * K + k]
-                                            : static_cast<float>(x.data_ptr<bf16>()[m * K + k]);
+    row_to_float(x, m, xf.data());
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
-      float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(xf[k]));
-      const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+      const int64_t k0 = b * 128, n = std::min<int64_t>(128, K - k0);
+      const float amax = abs_max(xf.data() + k0, n);
+      const float scale = amax > 0.f ? amax / 127.f : 1.f;
       out.scales[m * nb + b] = scale;
-      for (int64_t k = k0; k < k1; ++k) {
-        const float q = std::max(-127.f, std::min(127.f, std::nearbyint(xf[k] * inv)));
-        const int64_t j = k - k0;
-        out.x[m * Kp + k0 + (j % 2) * 64 + j / 2] = static_cast<int8_t>(q);
-        out.sums[m * groups + k / G] += q * scale;
+      quantize_span(xf.data() + k0, n, 1.f / scale, 127, q);
+      int8_t* dst = out.x.data() + m * Kp + k0;
+      for (int64_t j = 0; j < n; ++j) dst[(j % 2) * 64 + j / 2] = static_cast<int8_t>(q[j]);
+      for (int64_t g0 = 0; g0 < n; g0 += G) {  // K is a multiple of G, so groups never straddle blocks
+        int32_t sum = 0;
+        for (int64_t j = g0; j < g0 + G; ++j) sum += q[j];
+        out.sums[m * groups + (k0 + g0) / G] = static_cast<float>(sum) * scale;
       }
     }
   }
