@@ -252,6 +252,16 @@ def test_quantized_experts_close_to_fp32(quant_moe_ckpt, mode, bound):
     assert ids.shape[1] == GEN_PROMPTS["text"]()["input_ids"].shape[1] + 4
     k = QUANT_MOE["text_config"]["num_experts_per_tok"]
     assert all(int(c.sum()) == k and int((c > 0).sum()) == k for c in counts[-3 * len(moes):])
+    # Batched decode (3 rows: the grouped-by-expert path, each expert's rows through the kernels).
+    prompts = GEN_PROMPTS["padded_batch_of_all_three"]()
+    out = model.generate(**prompts, max_new_tokens=3, do_sample=False)
+    t = prompts["input_ids"].shape[1]
+    assert out.shape == (3, t + 3) and bool(((out[:, t:] >= 0) & (out[:, t:] < QUANT_MOE["text_config"]["vocab_size"])).all())
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with torch.inference_mode():
+        for m in moes:  # grouped path (3 tokens) == one token at a time (multi-expert kernels)
+            one_by_one = torch.cat([m(x[i : i + 1]) for i in range(3)])
+            assert rel_err(m(x).float(), one_by_one.float()) < 2e-2
 
 
 def test_bf16_multi_expert_decode_matches_per_expert_path(quant_moe_ckpt):
