@@ -43,6 +43,14 @@ ALWAYS_INLINE void prefetch_block(const void* block, int64_t done) {
 }
 
 
+// The first `distance` bytes of a thread's range of rows: the in-loop prefetch only runs that far
+// ahead of the rows being read, so without this each call starts on cold demand misses (a 2048-row
+// int4 matrix: 142 -> 120-128 us).
+ALWAYS_INLINE void prefetch_head(const void* start, int64_t bytes, int64_t distance) {
+  const char* p = (const char*)start;
+  for (int64_t off = 0; off < std::min(bytes, distance); off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+}
+
 ALWAYS_INLINE __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // Activation row m of x (float32 or bfloat16) as float32 in dst[0, K).
@@ -249,7 +257,8 @@ ALWAYS_INLINE void int8_block(const Int8Args& a, int64_t n0) {
 template <int MB>
 void int8_rows(const Int8Args& a, int64_t lo, int64_t hi) {
   // Enough independent chains to cover latency, few enough accumulators for 32 registers.
-  constexpr int R = MB <= 1 ? 4 : MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+  constexpr int R = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+  prefetch_head(a.q + lo * a.K, (hi - lo) * a.K, 32768);
   int64_t n = lo;
   for (; n + R <= hi; n += R) int8_block<MB, R>(a, n);
   for (; n < hi; ++n) int8_block<MB, 1>(a, n);
@@ -394,6 +403,7 @@ ALWAYS_INLINE void int4_block(const Int4Args& a, int64_t n0, __m512i gidx) {
 template <int MB>
 void int4_rows(const Int4Args& a, int64_t lo, int64_t hi, __m512i gidx) {
   constexpr int R = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+  prefetch_head(a.q + lo * (a.K / 2), (hi - lo) * (a.K / 2), kPrefetch);
   int64_t n = lo;
   for (; n + R <= hi; n += R) int4_block<MB, R>(a, n, gidx);
   for (; n < hi; ++n) int4_block<MB, 1>(a, n, gidx);
@@ -532,6 +542,7 @@ ALWAYS_INLINE void bf16_block(const BF16Args& a, int64_t n0) {
 template <int MB>
 void bf16_rows_kernel(const BF16Args& a, int64_t lo, int64_t hi) {
   constexpr int R = MB <= 2 ? 8 : MB <= 4 ? 4 : 2;
+  prefetch_head(a.w + lo * a.K, (hi - lo) * a.K * 2, 8192);
   int64_t n = lo;
   for (; n + R <= hi; n += R) bf16_block<MB, R>(a, n);
   for (; n < hi; ++n) bf16_block<MB, 1>(a, n);
