@@ -62,7 +62,7 @@ def formats(shapes):
         lo, hi = wg.amin(-1), wg.amax(-1)
         sc = (hi - lo).clamp(min=1e-10) / 15
         q = torch.round((wg - lo[..., None]) / sc[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
-        return (q[:, 0::2] | (q[:, 1::2] << 4)), sc.contiguous(), (lo + 8 * sc).contiguous()
+        return (q[:, 0::2] | (q[:, 1::2] << 4)), sc.bfloat16().contiguous(), (lo + 8 * sc).bfloat16().contiguous()
 
     mk = torch.ops.mkldnn if hasattr(torch.ops, "mkldnn") else None
     out = {
@@ -77,7 +77,7 @@ def formats(shapes):
     }
     if kernels.available():
         out["int8 qwen3vl.kernels"] = (int8_ours, lambda x, p: kernels.int8_gemv(x, *p), 1)
-        out["int4 qwen3vl.kernels (g64)"] = (int4_ours, lambda x, p: kernels.int4_gemv(x, *p, 64), 0.5 + 8 / 64)
+        out["int4 qwen3vl.kernels (g64)"] = (int4_ours, lambda x, p: kernels.int4_gemv(x, *p, 64), 0.5 + 4 / 64)
         out["bf16 qwen3vl.kernels"] = (lambda w: w.bfloat16(), kernels.bf16_gemv, 2)
     if mk is not None and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         out["bf16 mkldnn packed"] = (

@@ -78,9 +78,9 @@ def ensure_checkpoint(layers: int) -> str:
 
 
 def bytes_per_weight(fmt: str, in_features: int, group: int = 64) -> float:
-    """Bytes read per weight in a format: bf16; int8 + one fp32 scale per row; int4 codes + fp32
+    """Bytes read per weight in a format: bf16; int8 + one fp32 scale per row; int4 codes + bf16
     scale and zero per group (``qwen3vl.quant``)."""
-    return {"bf16": 2.0, "int8": 1 + 4 / in_features, "int4": 0.5 + 8 / group}[fmt]
+    return {"bf16": 2.0, "int8": 1 + 4 / in_features, "int4": 0.5 + 4 / group}[fmt]
 
 
 def bytes_per_token(cfg: dict, fmt: str = "bf16") -> dict:

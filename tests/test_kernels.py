@@ -267,3 +267,90 @@ def test_rms_norm_bf16_matches_the_model_definition(shape, heads):
     assert got.shape == x.shape and got.dtype == torch.bfloat16
     assert float((got != expected).float().mean()) < 1e-3
     assert bool(((got.float() - expected.float()).abs() <= expected.float().abs() * 2**-6).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("b,h,hkv,t,length,d", [(1, 16, 8, 1, 256, 128), (3, 4, 2, 1, 37, 32), (2, 6, 2, 3, 21, 96),
+                                                (1, 4, 4, 2, 5, 256)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_sdpa(b, h, hkv, t, length, d, masked):
+    """Grouped heads, strided cache views, masks with broadcast strides: equal to fp32 SDPA up to
+    the bf16 rounding of the output (what SDPA's own bf16 kernel reaches too)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, t, h, d, generator=g).bfloat16().transpose(1, 2)  # (B, H, T, D), strided like the model's
+    cache = torch.randn(2, b, hkv, length + 9, d, generator=g).bfloat16()
+    k, v = cache[0, :, :, :length], cache[1, :, :, :length]  # (B, Hkv, L, D) views of a longer cache
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, 1, length, generator=g) > 0.4
+        mask[..., -1] = True
+        mask = mask.expand(b, 1, t, length)
+    got = kernels.decode_attention(q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                           enable_gqa=h != hkv)
+    assert got.shape == (b, h, t, d) and got.dtype == torch.bfloat16
+    assert got.transpose(1, 2).is_contiguous()  # (B, T, H, D) underneath: o_proj reads it without a copy
+    err = (got.float() - ref).abs()
+    assert bool((err <= ref.abs() * 2**-8 + 1e-6).all()), float(err.max())
+
+
+@needs_ext
+def test_decode_attention_rejects_bad_shapes():
+    q, kv = torch.zeros(1, 6, 1, 32, dtype=torch.bfloat16), torch.zeros(1, 4, 8, 32, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="H % Hkv"):
+        kernels.decode_attention(q, kv, kv)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        kernels.decode_attention(q[:, :4], kv, kv, torch.ones(1, 1, 1, 7, dtype=torch.bool))
+
+
+@needs_ext
+@pytest.mark.parametrize("d", [32, 128, 40])
+def test_rms_norm_rope_is_bit_identical_to_the_separate_ops(d):
+    """The fused decode pass rounds after every step like the eager ops: identical bits."""
+    g = torch.Generator().manual_seed(8)
+    qkv = (torch.randn(2, 3, 9, d, generator=g) * 3).bfloat16()
+    x = qkv[:, :, :6]  # the q/k heads of a fused projection: a strided view
+    w = (torch.rand(6, d, generator=g) + 0.5).bfloat16()
+    cos, rot_sin = (torch.randn(2, 3, 1, d, generator=g).bfloat16() for _ in range(2))
+    n = kernels.rms_norm_bf16(x, w, 1e-6)
+    assert torch.equal(kernels.rms_norm_rope_bf16(x, w, 1e-6, cos, rot_sin), n * cos + n.roll(d // 2, -1) * rot_sin)
+
+
+@needs_ext
+def test_silu_mul_matches_the_separate_ops():
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(3, 2 * 1000, generator=g) * 4).bfloat16()
+    x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp under/overflow must not give NaN
+    gate, up = x.chunk(2, -1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = kernels.silu_mul_bf16(x)
+    assert got.shape == (3, 1000) and not bool(got.isnan().any())
+    assert float((got != expected).float().mean()) < 1e-3
+    assert bool(((got.float() - expected.float()).abs() <= expected.float().abs() * 2**-7).all())
+
+
+@needs_ext
+def test_bf16_model_decode_uses_the_fused_kernels(tiny_ckpt, monkeypatch):
+    """A bf16 CPU model routes decode steps through the fused kernels and generates the same tokens
+    as with them switched off; fp32 models never use them."""
+    import qwen3vl
+    from qwen3vl.model.text import MLP, Attention
+
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    steps = [m for m in model.modules() if isinstance(m, (Attention, MLP))]
+    assert steps and all(m.decode_kernel for m in steps)
+    assert not any(m.decode_kernel for m in qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).modules()
+                   if isinstance(m, (Attention, MLP)))
+    calls = []
+    for name in ("decode_attention", "rms_norm_rope_bf16", "silu_mul_bf16"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    ids = torch.tensor([[5, 17, 300, 2, 44, 9], [0, 0, 7, 7, 8, 1000]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])  # padded row: the decode mask path
+    with torch.inference_mode():
+        fused = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert set(calls) == {"decode_attention", "rms_norm_rope_bf16", "silu_mul_bf16"}
+        for m in steps:
+            m.decode_kernel = False
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(fused, plain)

@@ -11,12 +11,16 @@ fails; the reason is printed once to stderr, as is the build time.
 
 Entry points take x (M, K) float32 or bfloat16 and return (M, N) in x's dtype:
   * ``int8_gemv(x, qweight (N, K) int8, scales (N, 1) float32)``
-  * ``int4_gemv(x, qweight (N, K/2) uint8 nibble pairs, scales, zeros (N, K/G) float32, G)``
+  * ``int4_gemv(x, qweight (N, K/2) uint8 nibble pairs, scales, zeros (N, K/G) bfloat16, G)``
     with w = (code - 8) * scale + zero, even k in the low nibble
 Both quantized kernels use integer dot products (AVX-512 VNNI) on quantized activations: int8
 rounds each activation row to int16 (one scale per row, error <= 2^-16 of its max), int4 to int8
 per block of 128 (error <= 1/254 of the block's max, small next to the 4-bit weights' own).
   * ``bf16_gemv(x, weight (N, K) bfloat16)``
+  * ``rms_norm_rope_bf16``, ``silu_mul_bf16``: a decode step's q/k norm + rotary embedding and
+    SwiGLU activation in one pass each (several eager ops of ~10-20 us fixed cost otherwise)
+  * ``decode_attention(q, k, v, mask)``: a few new tokens' attention over the KV cache (bf16),
+    where SDPA's fixed cost per call is several times the work
   * ``*_gemv_multi(x, stacked weights (E, N, ...), ..., idx (J,) int64)`` -> (J, N): row j (or the
     single row of x) times matrix idx[j], for a MoE token's k experts in one call
 and, for prefill GEMMs, ``int8_dequant(qweight, scales)`` / ``int4_dequant(qweight, scales,
@@ -150,6 +154,36 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     d = x.shape[-1]
     y = torch.nn.functional.rms_norm(x.float(), (d,), None, eps).to(x.dtype).view(-1, weight.numel() // d, d)
     return (weight.view(-1, d) * y).view(x.shape)
+
+
+def rms_norm_rope_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                       rot_sin: torch.Tensor) -> torch.Tensor:
+    """Per-head RMS norm then rotary embedding of x (B, T, heads, D) bf16 (heads contiguous), with
+    weight (heads, D) and cos, rot_sin (B, T, 1, D) (first half of sin negated) -> (B, T, heads, D),
+    rounded after each step exactly as the separate bf16 ops are."""
+    if available():
+        return torch.ops.qwen3vl_kernels.rms_norm_rope_bf16(x, weight, eps, cos, rot_sin)
+    n = rms_norm_bf16(x, weight, eps)
+    return n * cos + n.roll(x.shape[-1] // 2, -1) * rot_sin
+
+
+def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of decode rows: x (..., 2I) bf16 = [gate | up] -> silu(gate) * up (..., I),
+    rounded like the separate bf16 ops."""
+    if available():
+        return torch.ops.qwen3vl_kernels.silu_mul_bf16(x)
+    gate, up = x.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a few new tokens, q (B, H, T, D), over k/v (B, Hkv, L, D) (bf16, H a multiple
+    of Hkv: grouped heads), mask (B, 1, T, L) bool (True = attend) or None (every key) ->
+    (B, H, T, D), a view of a (B, T, H, D) tensor. Scores and softmax in fp32; SDPA without the
+    extension."""
+    if available():
+        return torch.ops.qwen3vl_kernels.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def int8_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 // Decode is memory-bound, so every kernel reads each weight byte once per call for all activation
 // rows and keeps the per-row partial sums in registers. Registered as torch.ops.qwen3vl_kernels.*:
 //   int8_gemv(x, qweight (N,K) int8, scales (N,1) f32)                         per-channel int8
-//   int4_gemv(x, qweight (N,K/2) u8, scales, zeros (N,K/G) f32, group_size)   nibble pairs
+//   int4_gemv(x, qweight (N,K/2) u8, scales, zeros (N,K/G) bf16, group_size)  nibble pairs
 //   bf16_gemv(x, weight (N,K) bf16)
 // x is (M, K) float32 or bfloat16; the result is (M, N) in x's dtype, accumulated in fp32.
 // The *_multi variants take a stack of matrices (E, N, ...) and idx (J,): y[j] = x[j] @ W[idx[j]].T
@@ -52,6 +52,24 @@ ALWAYS_INLINE void prefetch_head(const void* start, int64_t bytes, int64_t dista
 }
 
 ALWAYS_INLINE __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// Up to 16 bfloat16 values (mask m) as float32 lanes (zeros elsewhere).
+ALWAYS_INLINE __m512 load_bf16_ps(__mmask16 m, const bf16* p) {
+  return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p));
+}
+
+// exp(x) in float32 (|rel. error| < 2e-7): x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series
+// to r^7, times 2^n. Inputs below -87 give ~0 (softmax weights that small vanish anyway).
+ALWAYS_INLINE __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split: exact high part
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
 
 // Activation row m of x (float32 or bfloat16) as float32 in dst[0, K).
 void row_to_float(const at::Tensor& x, int64_t m, float* dst) {
@@ -341,8 +359,8 @@ at::Tensor int8_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, cons
 
 struct Int4Args {
   const uint8_t* q;
-  const float* scales;
-  const float* zeros;
+  const bf16* scales;
+  const bf16* zeros;
   const int8_t* x;   // (rows, Kp) quantized, permuted, zero padded
   const float* xs;   // (rows, Kp / 128) block scales
   const float* sx;   // (rows, groups) sums of the quantized activations (times their scale) per group
@@ -362,8 +380,11 @@ ALWAYS_INLINE void int4_step(const Int4Args& a, int64_t n0, int64_t b, __m512 (&
     const __m512i v = TAIL ? _mm512_maskz_loadu_epi8(bmask, p) : _mm512_loadu_si512(p);
     const __m512i even = _mm512_and_si512(v, low4);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const float* sp = a.scales + (n0 + r) * a.groups + b * gpb;
-    const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(gmask, sp));
+    // Lane i's group scale, as float32: a bf16 placed in the high half of each 32-bit lane
+    // (gidx: word 2i + 1 <- group of lane i, even words zeroed) with one shuffle.
+    const bf16* sp = a.scales + (n0 + r) * a.groups + b * gpb;
+    const __m512 sv = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+        0xAAAAAAAAu, gidx, _mm512_castsi128_si512(_mm_maskz_loadu_epi16((__mmask8)gmask, sp))));
     for (int m = 0; m < MB; ++m) {
       const int8_t* xp = a.x + m * a.Kp + b * 128;
       __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xp));
@@ -387,13 +408,13 @@ ALWAYS_INLINE void int4_block(const Int4Args& a, int64_t n0, __m512i gidx) {
   // Zero-point term: sum_g sx[g] * (zero[g] - 8 * scale[g]).
   const __m512 c8 = _mm512_set1_ps(8.f);
   for (int r = 0; r < R; ++r) {
-    const float* s = a.scales + (n0 + r) * a.groups;
-    const float* z = a.zeros + (n0 + r) * a.groups;
+    const bf16* s = a.scales + (n0 + r) * a.groups;
+    const bf16* z = a.zeros + (n0 + r) * a.groups;
     __m512 zc[MB];
     for (int m = 0; m < MB; ++m) zc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < a.groups; g += 16) {
       const __mmask16 gm = a.groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (a.groups - g)) - 1);
-      const __m512 c = _mm512_fnmadd_ps(c8, _mm512_maskz_loadu_ps(gm, s + g), _mm512_maskz_loadu_ps(gm, z + g));
+      const __m512 c = _mm512_fnmadd_ps(c8, load_bf16_ps(gm, s + g), load_bf16_ps(gm, z + g));
       for (int m = 0; m < MB; ++m) zc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(gm, a.sx + m * a.groups + g), c, zc[m]);
     }
     for (int m = 0; m < MB; ++m) a.y[m * a.N + n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(tot[r][m], zc[m]));
@@ -442,13 +463,15 @@ Int4Rows prepare_int4(const at::Tensor& x, int64_t G) {
   return out;
 }
 
+// Word indices for the scale shuffle in int4_step: lane i (k in [8i, 8i + 8) of a block) takes
+// the block's group 8i / G into its high 16 bits.
 __m512i int4_group_index(int64_t G) {
-  alignas(64) int32_t idx[16];
-  for (int i = 0; i < 16; ++i) idx[i] = 8 * i / (int)G;
+  alignas(64) int16_t idx[32];
+  for (int i = 0; i < 16; ++i) idx[2 * i] = 0, idx[2 * i + 1] = static_cast<int16_t>(8 * i / G);
   return _mm512_load_si512(idx);
 }
 
-// Checks the int4 weight (lead..., N, K/2) and its (lead..., N, K/G) scales/zeros; returns N.
+// Checks the int4 weight (lead..., N, K/2) and its (lead..., N, K/G) bf16 scales/zeros; returns N.
 int64_t check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const at::Tensor& zeros, int64_t G, int64_t dims, const char* name) {
   check_x(x, name);
@@ -459,9 +482,9 @@ int64_t check_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
               qweight.size(dims - 1) * 2 == K, name, ": qweight must be contiguous (..., N, K/2) uint8");
   const int64_t N = qweight.size(dims - 2);
   for (const at::Tensor* t : {&scales, &zeros})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == dims &&
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->dim() == dims &&
                 t->size(dims - 2) == N && t->size(dims - 1) == K / G && t->numel() * G == qweight.numel() * 2,
-                name, ": scales and zeros must be contiguous (..., N, K/G) float32");
+                name, ": scales and zeros must be contiguous (..., N, K/G) bfloat16");
   return N;
 }
 
@@ -475,7 +498,7 @@ at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::
   std::vector<float> y(M * N);
   const __m512i gidx = int4_group_index(group_size);
   parallel_rows(M, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
-    const Int4Args a{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
+    const Int4Args a{qweight.data_ptr<uint8_t>(), scales.data_ptr<bf16>(), zeros.data_ptr<bf16>(),
                      xp.x.data() + r0 * xp.Kp, xp.scales.data() + r0 * nb, xp.sums.data() + r0 * xp.groups,
                      y.data() + r0 * N, N, K, xp.Kp, group_size, xp.groups};
     DISPATCH_ROWS(mb, int4_rows, a, lo, hi, gidx);
@@ -494,8 +517,8 @@ at::Tensor int4_gemv_multi(const at::Tensor& x_, const at::Tensor& qweight, cons
   const __m512i gidx = int4_group_index(group_size);
   parallel_multi(mu.J, N, [&](int64_t j, int64_t lo, int64_t hi) {
     const int64_t e = mu.e[j], xr = mu.xrow(j);
-    const Int4Args a{qweight.data_ptr<uint8_t>() + e * N * (K / 2), scales.data_ptr<float>() + e * N * groups,
-                     zeros.data_ptr<float>() + e * N * groups, xp.x.data() + xr * xp.Kp, xp.scales.data() + xr * nb,
+    const Int4Args a{qweight.data_ptr<uint8_t>() + e * N * (K / 2), scales.data_ptr<bf16>() + e * N * groups,
+                     zeros.data_ptr<bf16>() + e * N * groups, xp.x.data() + xr * xp.Kp, xp.scales.data() + xr * nb,
                      xp.sums.data() + xr * groups, y.data() + j * N, N, K, xp.Kp, group_size, groups};
     int4_rows<1>(a, lo, hi, gidx);
   });
@@ -635,13 +658,13 @@ void int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at:
               "int4_dequant: qweight must be contiguous (N, K/2) uint8");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = group_size;
   TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "int4_dequant: group size must be a multiple of 32 dividing K");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat &&
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
               scales.numel() == N * (K / G) && zeros.numel() == N * (K / G) && scales.is_contiguous() &&
-              zeros.is_contiguous(), "int4_dequant: scales/zeros must be (N, K/G) float32");
+              zeros.is_contiguous(), "int4_dequant: scales/zeros must be (N, K/G) bfloat16");
   check_out(out, N, K);
   const uint8_t* q = qweight.data_ptr<uint8_t>();
-  const float* sc = scales.data_ptr<float>();
-  const float* ze = zeros.data_ptr<float>();
+  const bf16* sc = scales.data_ptr<bf16>();
+  const bf16* ze = zeros.data_ptr<bf16>();
   bf16* o = out.data_ptr<bf16>();
   // 16 bytes = 32 codes: byte j holds k = 2j (low nibble) and 2j + 1 (high nibble).
   const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -652,7 +675,7 @@ void int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at:
       const uint8_t* qr = q + n * (K / 2);
       bf16* orow = o + n * K;
       for (int64_t g = 0; g < K / G; ++g) {
-        const float s = sc[n * (K / G) + g], z = ze[n * (K / G) + g] - 8.f * s;  // w = code * s + z
+        const float s = sc[n * (K / G) + g], z = static_cast<float>(ze[n * (K / G) + g]) - 8.f * s;  // w = code * s + z
         const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
         for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
           const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qr + k / 2)));
@@ -674,6 +697,20 @@ void int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at:
 // (W = 1: one weight for all rows; W = heads: per-head q/k norms). One pass and one allocation,
 // where the stock path is ~10 small ops (~20 us per call at decode, 13+ calls per step).
 
+// One row: orow = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))).
+void norm_row(const bf16* xr, const bf16* wr, int64_t D, double eps, bf16* orow) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= D; k += 16) {
+    const __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(xr + k)));
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  float ss = _mm512_reduce_add_ps(acc);
+  for (; k < D; ++k) ss += static_cast<float>(xr[k]) * static_cast<float>(xr[k]);
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  for (k = 0; k < D; ++k) orow[k] = bf16(static_cast<float>(wr[k]) * static_cast<float>(bf16(static_cast<float>(xr[k]) * inv)));
+}
+
 at::Tensor rms_norm_bf16(const at::Tensor& x_, const at::Tensor& weight_, double eps) {
   TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && weight_.scalar_type() == at::kBFloat16,
               "rms_norm_bf16: x and weight must be bfloat16");
@@ -685,22 +722,218 @@ at::Tensor rms_norm_bf16(const at::Tensor& x_, const at::Tensor& weight_, double
   const bf16* xp = x.data_ptr<bf16>();
   const bf16* wp = weight.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  for (int64_t r = 0; r < R; ++r) {
-    const bf16* xr = xp + r * D;
-    const bf16* wr = wp + (r % W) * D;
-    bf16* orow = op + r * D;
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= D; k += 16) {
-      const __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(xr + k)));
-      acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    float ss = _mm512_reduce_add_ps(acc);
-    for (; k < D; ++k) ss += static_cast<float>(xr[k]) * static_cast<float>(xr[k]);
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-    for (k = 0; k < D; ++k) orow[k] = bf16(static_cast<float>(wr[k]) * static_cast<float>(bf16(static_cast<float>(xr[k]) * inv)));
-  }
+  for (int64_t r = 0; r < R; ++r) norm_row(xp + r * D, wp + (r % W) * D, D, eps, op + r * D);
   return out;
+}
+
+// Per-head q/k RMS norm followed by the rotary embedding, rounded after every step as the
+// separate bf16 ops do (so bit-identical to them): x (B, T, Hh, D) (heads contiguous), weight
+// (Hh, D), cos and rot_sin (B, T, 1, D) with the first half of sin negated (see AttnContext):
+//   out = bf16(bf16(n * cos) + bf16(roll(n, D/2) * rot_sin)),  n = the normalised row.
+at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight_, double eps, const at::Tensor& cos,
+                              const at::Tensor& rot_sin) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight_.scalar_type() == at::kBFloat16 &&
+              cos.scalar_type() == at::kBFloat16 && rot_sin.scalar_type() == at::kBFloat16,
+              "rms_norm_rope_bf16: all inputs must be bfloat16");
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.stride(2) == x.size(3) && x.size(3) % 2 == 0,
+              "rms_norm_rope_bf16: x must be (B, T, heads, D) with contiguous heads");
+  const int64_t B = x.size(0), T = x.size(1), Hh = x.size(2), D = x.size(3);
+  const at::Tensor weight = weight_.contiguous();
+  TORCH_CHECK(weight.numel() == Hh * D, "rms_norm_rope_bf16: weight must be (heads, D)");
+  for (const at::Tensor* t : {&cos, &rot_sin})
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == T && t->size(2) == 1 && t->size(3) == D &&
+                t->stride(3) == 1, "rms_norm_rope_bf16: cos/rot_sin must be (B, T, 1, D)");
+  at::Tensor out = at::empty({B, T, Hh, D}, x.options());
+  std::vector<bf16> n(D);
+  const int64_t h = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const bf16* c = cos.data_ptr<bf16>() + b * cos.stride(0) + t * cos.stride(1);
+      const bf16* rs = rot_sin.data_ptr<bf16>() + b * rot_sin.stride(0) + t * rot_sin.stride(1);
+      for (int64_t hd = 0; hd < Hh; ++hd) {
+        norm_row(x.data_ptr<bf16>() + b * x.stride(0) + t * x.stride(1) + hd * D, weight.data_ptr<bf16>() + hd * D, D,
+                 eps, n.data());
+        bf16* o = out.data_ptr<bf16>() + ((b * T + t) * Hh + hd) * D;
+        for (int64_t k = 0; k < D; ++k) {
+          const float a = static_cast<float>(bf16(static_cast<float>(n[k]) * static_cast<float>(c[k])));
+          const float r = static_cast<float>(bf16(static_cast<float>(n[(k + h) % D]) * static_cast<float>(rs[k])));
+          o[k] = bf16(a + r);
+        }
+      }
+    }
+  return out;
+}
+
+// SwiGLU's activation for decode rows: x (..., 2I) = [gate | up] -> bf16(bf16(silu(gate)) * up),
+// rounded as the separate bf16 ops round (silu in fp32, its exp within 2e-7 of the libm one).
+at::Tensor silu_mul_bf16(const at::Tensor& x_) {
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && x_.size(-1) % 2 == 0, "silu_mul_bf16: x must be (..., 2I) bfloat16");
+  const at::Tensor x = x_.contiguous();
+  const int64_t I = x.size(-1) / 2, R = x.numel() / (2 * I);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = I;
+  at::Tensor out = at::empty(shape, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < I; k += 16) {
+      const __mmask16 m = I - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - k)) - 1);
+      const __m512 g = load_bf16_ps(m, xp + r * 2 * I + k), u = load_bf16_ps(m, xp + r * 2 * I + I + k);
+      const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      const __m512 sr = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(s));
+      _mm256_mask_storeu_epi16(op + r * I + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, u)));
+    }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: a few new query tokens against the KV cache, bf16 in and out, fp32 inside
+// (scores, softmax and the weighted sum of values), with grouped-query heads (q head h reads kv
+// head h / (H / Hkv), as SDPA's enable_gqa). SDPA's CPU flash kernel spends ~100 us per call on
+// one decode token of a 2B layer (256 cached tokens), most of it fixed cost; this pass is a few
+// tens of us, about the time to read the layer's cached keys and values.
+
+// Lane j = the sum of v[j]'s 16 lanes, for 16 vectors at once (a transpose-and-add tree: ~3
+// shuffles/adds per vector where _mm512_reduce_add_ps takes ~8).
+ALWAYS_INLINE __m512 sum16(const __m512 (&v)[16]) {
+  __m512 w[8], u[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i, v2i+1, v2i, v2i+1] partials
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [v4i .. v4i+3] partials
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes 0, 1: v8i..v8i+3 halves; 2, 3: v8i+4..v8i+7 halves
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+// out + g * D + [0, 32 NC) = bf16(sum_l p[g * L + l] * v[l * stride + [0, 32 NC)]) for GB heads g,
+// the accumulators in registers. Each 64-byte run of a v row is widened as its even and odd
+// elements (one shift or mask each: half the uops of widening in order), interleaved at the end.
+template <int NC, int GB>
+void value_sum(const float* p, const bf16* v, int64_t stride, int64_t L, int64_t D, bf16* out) {
+  __m512 ev[GB][NC], od[GB][NC];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < NC; ++c) ev[g][c] = od[g][c] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+  for (int64_t l = 0; l < L; ++l) {
+    __m512 pl[GB];
+    for (int g = 0; g < GB; ++g) pl[g] = _mm512_set1_ps(p[g * L + l]);
+    for (int c = 0; c < NC; ++c) {
+      const __m512i x = _mm512_loadu_si512(v + l * stride + 32 * c);
+      const __m512 e = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), o = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+      for (int g = 0; g < GB; ++g) {
+        ev[g][c] = _mm512_fmadd_ps(pl[g], e, ev[g][c]);
+        od[g][c] = _mm512_fmadd_ps(pl[g], o, od[g][c]);
+      }
+    }
+  }
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < NC; ++c) {
+      bf16* o = out + g * D + 32 * c;
+      _mm256_storeu_si256((__m256i*)o, (__m256i)_mm512_cvtneps_pbh(_mm512_permutex2var_ps(ev[g][c], first, od[g][c])));
+      _mm256_storeu_si256((__m256i*)(o + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_permutex2var_ps(ev[g][c], second, od[g][c])));
+    }
+}
+
+template <int GB>
+void value_sums(const float* p, const bf16* v, int64_t stride, int64_t L, int64_t D, bf16* out) {
+  for (int64_t d = 0; d < D; d += 128) {  // 128 dimensions (8 registers per head) per pass
+    switch ((D - d) / 32) {
+      case 1: value_sum<1, GB>(p, v + d, stride, L, D, out + d); break;
+      case 2: value_sum<2, GB>(p, v + d, stride, L, D, out + d); break;
+      case 3: value_sum<3, GB>(p, v + d, stride, L, D, out + d); break;
+      default: value_sum<4, GB>(p, v + d, stride, L, D, out + d);
+    }
+  }
+}
+
+// q (B, H, T, D), k/v (B, Hkv, L, D): bf16, any strides with the last dimension contiguous; mask
+// (B, 1, T, L) bool (True = attend, broadcast strides allowed) or undefined (all L keys).
+// Returns (B, H, T, D) as a view of a (B, T, H, D) tensor (what the output projection reads).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.scalar_type() == at::kBFloat16 &&
+              k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "decode_attention: q, k, v must be 4-D bfloat16");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == L && k.size(3) == D &&
+              v.size(3) == D && Hkv > 0 && H % Hkv == 0 && D % 32 == 0 && L > 0,
+              "decode_attention: shapes must be q (B, H, T, D), k/v (B, Hkv, L, D), H % Hkv == 0, D % 32 == 0");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: the head dimension must be contiguous");
+  const uint8_t* mp = nullptr;
+  int64_t msb = 0, mst = 0, msl = 0;
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(0) == B && m.size(1) == 1 && m.size(2) == T &&
+                m.size(3) == L, "decode_attention: mask must be (B, 1, T, L) bool");
+    mp = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+    msb = m.stride(0), mst = m.stride(2), msl = m.stride(3);
+  }
+  const int64_t G = H / Hkv;
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  const bf16* qp = q.data_ptr<bf16>();
+  const bf16* kp = k.data_ptr<bf16>();
+  const bf16* vp = v.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv * T, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> s(G * L);  // scores, then softmax weights, per (q head of the group, key)
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / (Hkv * T), h = task / T % Hkv, t = task % T;
+      const bf16* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const bf16* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const uint8_t* mrow = mp ? mp + b * msb + t * mst : nullptr;
+      for (int64_t l0 = 0; l0 < L; l0 += 16) {  // scores of 16 keys at a time
+        const int64_t nk = std::min<int64_t>(16, L - l0);
+        for (int64_t g = 0; g < G; ++g) {
+          const bf16* qr = qp + b * q.stride(0) + (h * G + g) * q.stride(1) + t * q.stride(2);
+          __m512 a[16];
+          for (int j = 0; j < 16; ++j) {
+            a[j] = _mm512_setzero_ps();
+            if (j >= nk) continue;
+            const bf16* kr = kb + (l0 + j) * k.stride(2);
+            for (int64_t d = 0; d < D; d += 32) {
+              a[j] = _mm512_dpbf16_ps(a[j], as_bh(_mm512_loadu_si512(qr + d)), as_bh(_mm512_loadu_si512(kr + d)));
+            }
+          }
+          __m512 sv = _mm512_mul_ps(sum16(a), _mm512_set1_ps(sc));
+          if (mrow) {
+            __mmask16 keep = 0;
+            for (int j = 0; j < nk; ++j) keep |= (__mmask16)((mrow[(l0 + j) * msl] ? 1u : 0u) << j);
+            sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, sv);
+          }
+          _mm512_mask_storeu_ps(s.data() + g * L + l0, (__mmask16)((1u << nk) - 1), sv);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {  // softmax over the keys, in place
+        float* sg = s.data() + g * L;
+        float mx = -INFINITY;
+        for (int64_t l = 0; l < L; ++l) mx = std::max(mx, sg[l]);
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t l = 0; l < L; l += 16) {
+          const __mmask16 lm = L - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l)) - 1);
+          const __m512 x = _mm512_maskz_loadu_ps(lm, sg + l);
+          const __mmask16 live = _mm512_mask_cmp_ps_mask(lm, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+          const __m512 w = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(x, _mm512_set1_ps(mx))));
+          _mm512_mask_storeu_ps(sg + l, lm, w);
+          tot = _mm512_add_ps(tot, w);
+        }
+        const float inv = 1.f / _mm512_reduce_add_ps(tot);
+        for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
+      }
+      bf16* og = op + ((b * T + t) * H + h * G) * D;  // the group's G heads are adjacent in (B, T, H, D)
+      int64_t g = 0;
+      for (; g + 2 <= G; g += 2) value_sums<2>(s.data() + g * L, vb, v.stride(2), L, D, og + g * D);
+      if (g < G) value_sums<1>(s.data() + g * L, vb, v.stride(2), L, D, og + g * D);
+    }
+  });
+  return out.permute({0, 2, 1, 3});
 }
 
 }  // namespace
@@ -710,6 +943,9 @@ TORCH_LIBRARY(qwen3vl_kernels, m) {
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm_bf16);
+  m.def("rms_norm_rope_bf16(Tensor x, Tensor weight, float eps, Tensor cos, Tensor rot_sin) -> Tensor", &rms_norm_rope_bf16);
+  m.def("silu_mul_bf16(Tensor x) -> Tensor", &silu_mul_bf16);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attention);
   m.def("int8_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor idx) -> Tensor", &int8_gemv_multi);
   m.def("int4_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor idx) -> Tensor",
         &int4_gemv_multi);

@@ -17,7 +17,7 @@ from ..config import Qwen3VLConfig
 from ..weights import load_checkpoint
 from .positions import PlaceholderMismatch, mrope_positions
 from .rope import TextRope
-from .text import AttnContext, Linear, SparseMoE, TextDecoder
+from .text import MLP, Attention, AttnContext, Linear, SparseMoE, TextDecoder
 from .vision import VisionEncoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -114,18 +114,26 @@ class Qwen3VL(nn.Module):
         return model.eval()
 
     def select_kernels(self) -> None:
-        """Let bf16 CPU linears use the compiled matrix-vector kernels (built now, at load, so the
-        first request does not pay for it; see ``qwen3vl.kernels``)."""
+        """Let bf16 CPU linears and decode attention use the compiled kernels (built now, at load,
+        so the first request does not pay for it; see ``qwen3vl.kernels``)."""
         from .. import kernels
 
         linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
                    and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
         moes = [m for m in self.modules() if isinstance(m, SparseMoE) and _multi_kernel_experts(m)]
-        if (linears or moes) and kernels.available():
+        # Decode-step kernels for bf16 activations on CPU (the embeddings' dtype is the model's);
+        # the attention kernel needs head_dim % 32 == 0 (all released models: 128).
+        emb = self.model.language_model.embed_tokens.weight
+        bf16_cpu = emb.dtype == torch.bfloat16 and emb.device.type == "cpu"
+        steps = [m for m in self.modules() if bf16_cpu and (isinstance(m, MLP) or isinstance(m, Attention)
+                                                            and m.hd % 32 == 0)]
+        if (linears or moes or steps) and kernels.available():
             for m in linears:
                 m.use_kernels = True
             for m in moes:
                 m.multi_kernels = True
+            for m in steps:
+                m.decode_kernel = True
 
     @torch.no_grad()
     def init_random(self, std: float = 0.02, seed: int = 0) -> None:

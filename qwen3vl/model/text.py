@@ -89,6 +89,10 @@ class AttnContext:
 
 
 class Attention(nn.Module):
+    # bf16 on CPU with the compiled kernels (set at load, Qwen3VL.select_kernels): decode-sized
+    # inputs use the fused q/k norm + rotary pass and the decode attention kernel.
+    decode_kernel = False
+
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -104,14 +108,21 @@ class Attention(nn.Module):
         qk, v = qkv.split((self.nh + self.nkv, self.nkv), dim=2)  # (B, T, nh+nkv, D), (B, T, nkv, D)
         # q and k heads normalised and rotated in one pass: per head this is exactly q_norm / k_norm
         # followed by the rotation, with half the kernel launches.
-        qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
-        qk = qk * ctx.cos_heads + qk.roll(self.hd // 2, -1) * ctx.rot_sin_heads  # apply_rotary, see AttnContext
+        fused = self.decode_kernel and t <= 4 and qk.dtype == torch.bfloat16 and qk.device.type == "cpu"
+        if fused:  # the same arithmetic in one compiled pass
+            qk = kernels.rms_norm_rope_bf16(qk, self._qk_norm_weight(), self.q_norm.eps, ctx.cos_heads,
+                                            ctx.rot_sin_heads)
+        else:
+            qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
+            qk = qk * ctx.cos_heads + qk.roll(self.hd // 2, -1) * ctx.rot_sin_heads  # apply_rotary, see AttnContext
         qk = qk.transpose(1, 2)  # (B, nh+nkv, T, D)
         q, k = qk.split((self.nh, self.nkv), dim=1)
         v = v.transpose(1, 2)  # (B, nkv, T, D)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer, k, v)  # (B, nkv, L, D)
-        if ctx.mask is None:
+        if fused and (t == 1 or ctx.mask is not None):
+            o = kernels.decode_attention(q, k, v, ctx.mask)  # (B, nh, T, D)
+        elif ctx.mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.nkv != self.nh)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.nkv != self.nh)
@@ -137,6 +148,8 @@ def _version(t: torch.Tensor) -> int:
 class MLP(nn.Module):
     """SwiGLU with gate and up fused into one projection."""
 
+    decode_kernel = False  # bf16 on CPU with the compiled kernels: set at load (Qwen3VL.select_kernels)
+
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.intermediate = intermediate
@@ -144,7 +157,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gu = self.gate_up_proj(x)
+        if self.decode_kernel and gu.numel() <= 8 * gu.shape[-1] and gu.dtype == torch.bfloat16 and not gu.is_cuda:
+            return self.down_proj(kernels.silu_mul_bf16(gu))
+        gate, up = gu.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
