@@ -84,6 +84,32 @@ def test_quantized_gemv_matches_fp32_dequantization(mode, group, dtype, m):
         assert rel(y, x.double() @ fp32_weight(lin).t()) < ACT_TOL[mode]
 
 
+# (N, K, G) for the AMX int4 path: N with a remainder below 16 rows, each tile width (G 32: 32
+# k per tile, 64 and 128: 64), and one with an odd number of groups (kept on the vpdpbusd kernel).
+AMX_SHAPES = [(277, 384, 32), (256, 512, 64), (40, 1024, 64), (96, 256, 128), (48, 384, 128)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [5, 8, 13])  # 13: a pass of 8 rows, then one of 5
+def test_int4_amx_path_matches_fp32_and_the_vnni_path(dtype, m):
+    if not kernels.int4_amx():
+        pytest.skip("no AMX tiles on this CPU")
+    for n, k, group in AMX_SHAPES:
+        lin = quantized("int4", n, k, group, seed=n)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+        y = run_kernel(lin, x)
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert rel(y, kernel_activations(lin, x) @ fp32_weight(lin).t()) < TOL[dtype]
+        assert kernels.int4_amx(False) is False
+        try:
+            y_vnni = run_kernel(lin, x)
+        finally:
+            assert kernels.int4_amx(True) is True
+        # Same integer products and fp32 scaling, summed in another order.
+        assert rel(y, y_vnni.double()) < (1e-5 if dtype == torch.float32 else 2**-8)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 8, 11])

@@ -140,6 +140,14 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return (x.float() @ _int4_fp32(qweight, scales, zeros, group_size).t()).to(x.dtype)
 
 
+def int4_amx(enable: bool | None = None) -> bool:
+    """Whether ``int4_gemv`` uses AMX tiles for 2-8 activation rows (CPUs with AMX-INT8, when the
+    OS grants the tile state); ``enable`` switches it (tests compare both paths)."""
+    if not available():
+        return False
+    return torch.ops.qwen3vl_kernels.int4_amx(-1 if enable is None else int(enable))
+
+
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if available():
         return torch.ops.qwen3vl_kernels.bf16_gemv(x, weight)
