@@ -933,25 +933,26 @@ void int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at:
   const bf16* sc = scales.data_ptr<bf16>();
   const bf16* ze = zeros.data_ptr<bf16>();
   bf16* o = out.data_ptr<bf16>();
-  // 16 bytes = 32 codes: byte j holds k = 2j (low nibble) and 2j + 1 (high nibble).
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  const __m512i mask = _mm512_set1_epi32(0xF);
+  // Per group, a table of the 16 values bf16(code * s + z) (fp32 fma, one rounding), twice over so
+  // that vpermw, which reads 5 index bits, ignores bit 4. 16 bytes = 32 codes: byte j holds
+  // k = 2j (low nibble) and 2j + 1 (high nibble); word j of the widened bytes indexes k = 2j as it is.
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) int16_t inter[32];
+  for (int i = 0; i < 32; ++i) inter[i] = static_cast<int16_t>(i % 2 ? 32 + i / 2 : i / 2);  // W0 H0 W1 H1 ...
+  const __m512i interleave = _mm512_load_si512(inter);
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
       const uint8_t* qr = q + n * (K / 2);
       bf16* orow = o + n * K;
       for (int64_t g = 0; g < K / G; ++g) {
         const float s = sc[n * (K / G) + g], z = static_cast<float>(ze[n * (K / G) + g]) - 8.f * s;  // w = code * s + z
-        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        const __m256i t16 = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(z)));
+        const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
         for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qr + k / 2)));
-          const __m512 lo4 = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, mask));
-          const __m512 hi4 = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-          const __m512 a = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo4, first, hi4), vs, vz);
-          const __m512 b = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo4, second, hi4), vs, vz);
-          _mm256_storeu_si256((__m256i*)(orow + k), (__m256i)_mm512_cvtneps_pbh(a));
-          _mm256_storeu_si256((__m256i*)(orow + k + 16), (__m256i)_mm512_cvtneps_pbh(b));
+          const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(qr + k / 2)));
+          const __m512i idx = _mm512_permutex2var_epi16(_mm512_castsi256_si512(w), interleave,
+                                                        _mm512_castsi256_si512(_mm256_srli_epi16(w, 4)));
+          _mm512_storeu_si512(orow + k, _mm512_permutexvar_epi16(idx, table));
         }
       }
     }
