@@ -10,7 +10,8 @@ Decode (up to ``DECODE_ROWS`` activation rows) uses the compiled matrix-vector k
 compiler, QWEN3VL_NO_EXT=1) it falls back to ``torch._weight_int8pack_mm`` /
 ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (about half the speed; int4 MoE
 experts then dequantize and use the GEMM). The compiled kernels round activations (int8: to int16
-per row, int4: to int8 per block of 128; see ``qwen3vl.kernels``).
+per row, int4: to int8 per block of 128; 5-8 rows of int4 use AMX tiles where available; see
+``qwen3vl.kernels``).
 Policy: the decoder's q/k/v, o, gate/up and down projections, the MoE experts (same format,
 per expert) and the ``lm_head`` are quantized (lm_head always int8: it is the largest matrix and
 the most sensitive to rounding); token embeddings (one row read per token), MoE routers and the

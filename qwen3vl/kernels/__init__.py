@@ -15,7 +15,9 @@ Entry points take x (M, K) float32 or bfloat16 and return (M, N) in x's dtype:
     with w = (code - 8) * scale + zero, even k in the low nibble
 Both quantized kernels use integer dot products (AVX-512 VNNI) on quantized activations: int8
 rounds each activation row to int16 (one scale per row, error <= 2^-16 of its max), int4 to int8
-per block of 128 (error <= 1/254 of the block's max, small next to the 4-bit weights' own).
+per block of 128 (error <= 1/254 of the block's max, small next to the 4-bit weights' own). With
+5-8 activation rows int4 uses AMX tiles where the CPU and OS allow (same products and scaling,
+summed in another order; see ``int4_amx``).
   * ``bf16_gemv(x, weight (N, K) bfloat16)``
   * ``rms_norm_rope_bf16``, ``silu_mul_bf16``: a decode step's q/k norm + rotary embedding and
     SwiGLU activation in one pass each (several eager ops of ~10-20 us fixed cost otherwise)
