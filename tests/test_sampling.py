@@ -187,7 +187,6 @@ def test_scratch_logits_are_masked_in_place_with_the_same_result():
 
 
 def test_min_new_tokens_blocks_eos_when_sampling():
-    vocab = 4
     logits = torch.tensor([2.0, 0.0, 0.0, 5.0])
     freq = frequencies(logits, SamplingParams(min_new_tokens=1, stop_token_ids=[3]))
     assert freq[3] == 0 and freq[0] > 0.7
