@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 ARCH_DIRS = {
     "2B": "Qwen3-VL-2B-Instruct", "4B": "Qwen3-VL-4B-Instruct", "8B": "Qwen3-VL-8B-Instruct",
@@ -189,20 +190,49 @@ def arch_config_from(path: str) -> dict:
         return json.load(f)
 
 
-FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64}  # per weight, with scales
+FORMATS = ("float32", "bfloat16", "int8", "int4")
 
 
-def weight_bytes_per_token(path: str, fmt: str) -> int:
-    """Bytes of weights one decode step reads: the text decoder + lm_head (one embedding row).
-    Quantized formats keep norms in bf16 (negligible) and the lm_head in int8."""
+def decode_bytes(path: str, fmt: str) -> int:
+    """Bytes of weights one decode step reads: the text decoder + lm_head (one embedding row is
+    negligible), bytes counted on the model as that format lays it out (codes, scales and zeros
+    of the quantized layers, ``qwen3vl.quant.layer_mode`` per layer), built on the meta device."""
     from .model.qwen3vl import Qwen3VL
 
     meta = Qwen3VL.from_config(path, device="meta")
+    if fmt in ("int8", "int4"):
+        from .quant import quantize_modules
+
+        meta = meta.to(torch.bfloat16)
+        quantize_modules(meta, fmt)
+    else:
+        meta = meta.to(getattr(torch, fmt))
     text = meta.model.language_model
-    layers = sum(p.numel() for p in text.layers.parameters()) + text.norm.weight.numel()
-    head = meta.lm_head.weight.numel()
-    head_bytes = 1.0 if fmt in ("int8", "int4") else FORMAT_BYTES[fmt]
-    return int(layers * FORMAT_BYTES[fmt] + head * head_bytes)
+    tensors = [t for m in (text.layers, text.norm, meta.lm_head) for t in (*m.parameters(), *m.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prefill_flops(path: str, text_tokens: int) -> float:
+    """Multiply-add FLOPs of the image + text prefill (``logits_to_keep=1``): the vision
+    encoder's linear layers over its patches (mergers over the merged tokens) and its attention,
+    the text decoder's linear layers over every token and its causal attention, one lm_head row.
+    Norms, activations and rotary embeddings are left out (a few %)."""
+    from .model.qwen3vl import Qwen3VL
+
+    meta = Qwen3VL.from_config(path, device="meta")
+    patches = IMAGE_GRID[0] * IMAGE_GRID[1] * IMAGE_GRID[2]
+    vis = meta.model.visual
+    flops = 0.0
+    for name, m in vis.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            rows = patches // vis.cfg.spatial_merge_size**2 if "merger" in name else patches
+            flops += 2 * m.weight.numel() * rows
+    flops += 4 * patches**2 * vis.cfg.hidden_size * vis.cfg.depth  # q k^T and p v, full attention per image
+    text = meta.model.language_model
+    tc = meta.config.text
+    flops += 2 * sum(m.weight.numel() for m in text.layers.modules() if isinstance(m, nn.Linear)) * text_tokens
+    flops += 2 * text_tokens**2 * tc.num_attention_heads * tc.head_dim * tc.num_hidden_layers  # causal: half
+    return flops + 2 * meta.lm_head.weight.numel()
 
 
 # ---------------------------------------------------------------------- driver
@@ -240,10 +270,9 @@ def report(args, limits: dict, results: dict, path: str) -> dict:
     for c in cols:
         fmt = c.split(":", 1)[1]
         r = results[c]
-        bytes_tok = weight_bytes_per_token(path, fmt)
+        bytes_tok = decode_bytes(path, fmt)
         limit = limits["mem_read_GBps"] * 1e9 / bytes_tok
-        flops = 2 * bytes_tok / FORMAT_BYTES[fmt] * r["prefill_tokens"]  # text decoder only
-        gflops = flops / r["prefill_image_64_s"] / 1e9
+        gflops = prefill_flops(path, r["prefill_tokens"]) / r["prefill_image_64_s"] / 1e9
         row = dict(r, bytes_per_token=bytes_tok, decode_limit_tok_s=round(limit, 2),
                    pct_of_bandwidth_limit=round(100 * r["decode_b1_tok_s"] / limit, 1),
                    prefill_GFLOPs=round(gflops, 1),
@@ -293,9 +322,9 @@ def main(argv: list[str] | None = None, load_reference=None) -> int:
                      "or pass --skip-reference")
     path = checkpoint(args.arch, args.dtype)
     formats = (args.formats or args.dtype).split(",")
-    bad = [f for f in formats if f not in FORMAT_BYTES]
+    bad = [f for f in formats if f not in FORMATS]
     if bad:
-        ap.error(f"unknown format(s) {bad}; choose from {list(FORMAT_BYTES)}")
+        ap.error(f"unknown format(s) {bad}; choose from {list(FORMATS)}")
     # Workers first: a child inherits the parent's peak RSS, and the limits test allocates 1 GiB.
     results = {f"ours:{f}": run_worker_subprocess("ours", args, path, f) for f in formats}
     if not args.skip_reference:

@@ -12,10 +12,14 @@ compiler, QWEN3VL_NO_EXT=1) it falls back to ``torch._weight_int8pack_mm`` /
 experts then dequantize and use the GEMM). The compiled kernels round activations (int8: to int16
 per row, int4: to int8 per block of 128; 5-8 rows of int4 use AMX tiles where available; see
 ``qwen3vl.kernels``).
-Policy: the decoder's q/k/v, o, gate/up and down projections, the MoE experts (same format,
-per expert) and the ``lm_head`` are quantized (lm_head always int8: it is the largest matrix and
-the most sensitive to rounding); token embeddings (one row read per token), MoE routers and the
-whole vision encoder stay in the model dtype.
+Policy (``layer_mode``): the MLP (gate/up, down) projections and the MoE experts are in the
+chosen format; the attention projections (q/k/v, o) and the ``lm_head`` are int8 in both modes.
+Attention is where rounding hurts most: on the tiny random checkpoint, int4 attention alone takes
+the logits error from ~0.03 to ~0.16 of the max logit (``bench/bench_quality.py``), while int4
+MLPs cost almost nothing; in the 2B architecture attention is a quarter of a layer's weights, so
+int8 attention costs int4 decode ~15 % more bytes per token. The lm_head is the largest matrix
+and maps rounding straight onto the logits. Token embeddings (one row read per token), MoE
+routers and the whole vision encoder stay in the model dtype.
 Prefill (many rows) dequantizes each matrix to bf16 and uses the GEMM, which is compute-bound
 anyway. Weights are quantized row by row as the checkpoint streams in, so the full-precision
 model never exists in memory.
@@ -219,9 +223,15 @@ def _dequant_buffer(lin: _Quantized) -> torch.Tensor | None:
     return buf[: n * k].view(n, k)
 
 
+def layer_mode(name: str, mode: str) -> str:
+    """The format of linear layer ``name`` (a module path) when the model is quantized to
+    ``mode``: attention projections and the lm_head stay int8 (see the module docstring)."""
+    return "int8" if name == "lm_head" or ".self_attn." in name else mode
+
+
 def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
-    """Swap the decoder's projections (and lm_head, int8) for QuantLinear and MoE expert stacks
-    for QuantExperts, before loading."""
+    """Swap the decoder's projections and the lm_head for QuantLinear (formats per
+    ``layer_mode``) and MoE expert stacks for QuantExperts, before loading."""
     from .model.text import SparseMoE
 
     if mode not in QUANT_MODES:
@@ -234,7 +244,7 @@ def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
     for name, lin in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        m = "int8" if name == "lm_head" else mode
+        m = layer_mode(name, mode)
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, m, group_size, device="meta"))
     for moe in [m for m in model.modules() if isinstance(m, SparseMoE)]:
         for attr in ("gate_up_proj", "down_proj"):
