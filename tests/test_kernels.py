@@ -1,6 +1,7 @@
-"""Compiled CPU decode kernels (qwen3vl.kernels): agree with an fp32 dequantization of the same
-weights for 1..8 rows, odd shapes and both activation dtypes; QuantLinear uses them when they
-load and keeps the stock kernels otherwise."""
+"""Compiled CPU kernels (qwen3vl.kernels): the matrix-vector kernels agree with an fp32
+dequantization of the same weights for 1..8 rows, odd shapes and both activation dtypes;
+QuantLinear uses them when they load and keeps the stock kernels otherwise; the pointwise passes
+match the eager ops they replace (bit for bit where the rounding steps are the same)."""
 from __future__ import annotations
 
 import os
@@ -280,7 +281,8 @@ def test_multi_kernels_reject_bad_indices():
 
 
 @needs_ext
-@pytest.mark.parametrize("shape,heads", [((1, 1, 2048), 0), ((8, 1, 40, 128), 40), ((3, 70), 0), ((2, 5, 33), 0)])
+@pytest.mark.parametrize("shape,heads", [((1, 1, 2048), 0), ((8, 1, 40, 128), 40), ((3, 70), 0), ((2, 5, 33), 0),
+                                         ((1, 300, 2048), 0), ((1, 97, 24, 128), 24)])  # prefill: rows in threads
 def test_rms_norm_bf16_matches_the_model_definition(shape, heads):
     """One weight for all rows, or per head (row r uses weight row r % heads); same arithmetic as
     the stock path, so only a rare double-rounding differs (by a unit in the last place)."""
@@ -343,14 +345,52 @@ def test_rms_norm_rope_is_bit_identical_to_the_separate_ops(d):
 
 
 @needs_ext
+@pytest.mark.parametrize("shape", [(784, 4096), (3, 37), (1, 5)])  # tails of a vector and of a thread's range
+def test_gelu_tanh_matches_the_stock_kernel(shape):
+    """Equal to F.gelu(approximate="tanh") up to its own rounding: the stock bf16 kernel loses
+    accuracy for x < -4 (1 + tanh cancels), where both are < 1e-4 in magnitude; elsewhere within
+    a bf16 unit of it, and within a unit of the exact value everywhere."""
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(shape, generator=g) * 3).bfloat16()
+    x.view(-1)[:3] = torch.tensor([-100.0, 100.0, 0.0])
+    got = kernels.gelu_tanh_bf16(x)
+    stock = torch.nn.functional.gelu(x, approximate="tanh").float()
+    xd = x.double()
+    exact = xd * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd**3))  # = 0.5 x (1 + tanh(u))
+    assert got.shape == x.shape and got.dtype == torch.bfloat16 and not bool(got.isnan().any())
+    assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-30).all())
+    big = x.float() > -4
+    assert bool(((got.float() - stock).abs() <= stock.abs() * 2**-7)[big].all())
+    assert bool(((got.float() - stock).abs() <= 1e-4).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,h,d", [(784, 16, 64), (5, 3, 40), (9, 2, 32)])
+def test_vision_rope_is_bit_identical_to_the_eager_ops(dtype, n, h, d):
+    """q and k straight from the fused qkv output (a strided view), rotated in fp32 and rounded
+    once, exactly like the reference's apply_rotary_pos_emb_vision."""
+    from qwen3vl.model.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(11)
+    qkv = (torch.randn(n, 3 * h * d, generator=g) * 2).to(dtype).view(n, 3, h, d)
+    cos, sin = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    q, k = kernels.vision_rope(qkv, cos, sin)
+    for i, got in enumerate((q, k)):
+        expected = apply_rotary(qkv[:, i].float(), cos[:, None], sin[:, None]).to(dtype)
+        assert got.shape == (n, h, d) and got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, expected)
+
+
+@needs_ext
 def test_silu_mul_matches_the_separate_ops():
     g = torch.Generator().manual_seed(9)
-    x = (torch.randn(3, 2 * 1000, generator=g) * 4).bfloat16()
+    x = (torch.randn(300, 2 * 1000, generator=g) * 4).bfloat16()  # 300 rows: split across threads
     x[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # exp under/overflow must not give NaN
     gate, up = x.chunk(2, -1)
     expected = torch.nn.functional.silu(gate) * up
     got = kernels.silu_mul_bf16(x)
-    assert got.shape == (3, 1000) and not bool(got.isnan().any())
+    assert got.shape == (300, 1000) and not bool(got.isnan().any())
     assert float((got != expected).float().mean()) < 1e-3
     assert bool(((got.float() - expected.float()).abs() <= expected.float().abs() * 2**-7).all())
 
@@ -364,8 +404,8 @@ def test_bf16_model_decode_uses_the_fused_kernels(tiny_ckpt, monkeypatch):
 
     model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
     steps = [m for m in model.modules() if isinstance(m, (Attention, MLP))]
-    assert steps and all(m.decode_kernel for m in steps)
-    assert not any(m.decode_kernel for m in qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).modules()
+    assert steps and all(m.cpu_kernels for m in steps)
+    assert not any(m.cpu_kernels for m in qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).modules()
                    if isinstance(m, (Attention, MLP)))
     calls = []
     for name in ("decode_attention", "rms_norm_rope_bf16", "silu_mul_bf16"):
@@ -377,6 +417,40 @@ def test_bf16_model_decode_uses_the_fused_kernels(tiny_ckpt, monkeypatch):
         fused = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         assert set(calls) == {"decode_attention", "rms_norm_rope_bf16", "silu_mul_bf16"}
         for m in steps:
-            m.decode_kernel = False
+            m.cpu_kernels = False
         plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(fused, plain)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vision_encoder_uses_the_pointwise_kernels(tiny_ckpt, monkeypatch, dtype):
+    """The vision rotary pass in both dtypes (bit-identical: the same features with it off) and,
+    in bf16, the tanh-GELU (same features within bf16 rounding)."""
+    import qwen3vl
+    from qwen3vl.model.vision import VisionAttention, VisionMLP
+
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype=dtype)
+    vis = model.model.visual
+    attn = [m for m in vis.modules() if isinstance(m, VisionAttention)]
+    mlps = [m for m in vis.modules() if isinstance(m, VisionMLP)]
+    assert attn and all(m.cpu_kernels for m in attn)
+    assert all(m.cpu_kernels == (dtype == "bfloat16") for m in mlps)
+    calls = []
+    for name in ("vision_rope", "gelu_tanh_bf16"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    g = torch.Generator().manual_seed(12)
+    pixels = torch.randn(2 * 8 * 12 + 4 * 4, 3 * 2 * 16 * 16, generator=g)
+    grid = torch.tensor([[2, 8, 12], [1, 4, 4]])  # a 2-slice video and an image: two segment lengths
+    with torch.inference_mode():
+        fused, fused_deep = vis(pixels, grid)
+        assert set(calls) == ({"vision_rope", "gelu_tanh_bf16"} if dtype == "bfloat16" else {"vision_rope"})
+        for m in attn + mlps:
+            m.cpu_kernels = False
+        plain, plain_deep = vis(pixels, grid)
+    for a, b in zip([fused, *fused_deep], [plain, *plain_deep]):
+        if dtype == "float32":
+            assert torch.equal(a, b)
+        else:
+            assert rel(a.float(), b.float()) < 2e-2

@@ -1,4 +1,5 @@
-"""AVX-512 matrix-vector kernels for CPU decode, compiled on first use (gemv.cpp).
+"""AVX-512 kernels for CPU decode and prefill, compiled on first use (gemv.cpp: matrix-vector
+products, dequantization, decode attention; pointwise.cpp: norms, rotary embeddings, activations).
 
 Decode multiplies a few activation rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; these kernels read each weight once for all rows and stream int8/int4
@@ -19,8 +20,10 @@ per block of 128 (error <= 1/254 of the block's max, small next to the 4-bit wei
 5-8 activation rows int4 uses AMX tiles where the CPU and OS allow (same products and scaling,
 summed in another order; see ``int4_amx``).
   * ``bf16_gemv(x, weight (N, K) bfloat16)``
-  * ``rms_norm_rope_bf16``, ``silu_mul_bf16``: a decode step's q/k norm + rotary embedding and
-    SwiGLU activation in one pass each (several eager ops of ~10-20 us fixed cost otherwise)
+  * ``rms_norm_bf16``, ``rms_norm_rope_bf16``, ``silu_mul_bf16``, ``gelu_tanh_bf16``,
+    ``vision_rope``: RMS norm, q/k norm + rotary embedding, SwiGLU, tanh-GELU and the vision
+    rotary embedding in one pass each, for decode (several eager ops of ~10-20 us fixed cost) and
+    prefill (several passes over full-size temporaries; rows split across threads)
   * ``decode_attention(q, k, v, mask)``: a few new tokens' attention over the KV cache (bf16),
     where SDPA's fixed cost per call is several times the work
   * ``*_gemv_multi(x, stacked weights (E, N, ...), ..., idx (J,) int64)`` -> (J, N): row j (or the
@@ -40,7 +43,9 @@ import time
 
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+_DIR = os.path.dirname(__file__)
+_SOURCES = [os.path.join(_DIR, name) for name in ("gemv.cpp", "pointwise.cpp")]
+_HEADERS = [os.path.join(_DIR, "simd.h")]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 _state: dict = {}
 
@@ -97,14 +102,17 @@ def _build():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             return "ninja not found (pip install ninja)"
-    with open(_SOURCE, "rb") as f:
-        build_dir = _build_dir(f.read(), model, flags)
+    source = b""
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            source += f.read()
+    build_dir = _build_dir(source, model, flags)
     os.makedirs(build_dir, exist_ok=True)
     t0 = time.perf_counter()
     prebuilt = os.path.exists(os.path.join(build_dir, "qwen3vl_kernels.so"))
     try:
         # -fopenmp only compiles at::parallel_for's pragma; the runtime is torch's libgomp.
-        cpp_extension.load("qwen3vl_kernels", [_SOURCE], build_directory=build_dir, is_python_module=False,
+        cpp_extension.load("qwen3vl_kernels", _SOURCES, build_directory=build_dir, is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-w"], verbose=False)
     except Exception as e:  # compiler errors, missing libraries, ...
         msg = str(e).strip().splitlines()
@@ -158,7 +166,7 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """bf16 RMS normalisation (fp32 inside, as the model defines it) of x (..., D) with weight
-    (W, D): row r of x uses weight row r % W. For decode: one pass, a single thread."""
+    (W, D): row r of x uses weight row r % W. One pass (rows split across threads when large)."""
     if available():
         return torch.ops.qwen3vl_kernels.rms_norm_bf16(x, weight, eps)
     d = x.shape[-1]
@@ -178,12 +186,33 @@ def rms_norm_rope_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: t
 
 
 def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU activation of decode rows: x (..., 2I) bf16 = [gate | up] -> silu(gate) * up (..., I),
+    """SwiGLU activation: x (..., 2I) bf16 = [gate | up] -> silu(gate) * up (..., I),
     rounded like the separate bf16 ops."""
     if available():
         return torch.ops.qwen3vl_kernels.silu_mul_bf16(x)
     gate, up = x.chunk(2, -1)
     return torch.nn.functional.silu(gate) * up
+
+
+def gelu_tanh_bf16(x: torch.Tensor) -> torch.Tensor:
+    """tanh-approximated GELU of bf16 x in one pass (fp32 inside; agrees with the stock kernel to
+    fp32 rounding before the bf16 rounding)."""
+    if available():
+        return torch.ops.qwen3vl_kernels.gelu_tanh_bf16(x)
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def vision_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of the vision encoder's q and k, read from qkv (N, 3, H, D) (bf16 or fp32,
+    D contiguous) with float32 cos, sin (N, D): (q, k), each (N, H, D) contiguous in qkv's dtype,
+    x * cos + rotate_half(x) * sin in fp32 rounded once, bit-identical to the eager ops."""
+    if available():
+        out = torch.ops.qwen3vl_kernels.vision_rope(qkv, cos, sin)
+        return out[0], out[1]
+    from ..model.rope import apply_rotary
+
+    c, s = cos[:, None, :], sin[:, None, :]
+    return tuple(apply_rotary(qkv[:, i].float(), c, s).to(qkv.dtype) for i in (0, 1))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

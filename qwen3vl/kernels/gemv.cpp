@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -30,11 +32,11 @@
 #include <unistd.h>
 #endif
 
-#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace {
 
-using bf16 = c10::BFloat16;
+using namespace qwen3vl_simd;
+
 constexpr int kMaxRows = 8;       // activation rows handled per pass over the weights
 constexpr int64_t kGrain = 32;    // output rows per parallel task, at least
 // A block of R output rows is one contiguous range of R * row_bytes, read as R short streams
@@ -63,26 +65,6 @@ ALWAYS_INLINE void prefetch_head(const void* start, int64_t bytes, int64_t dista
 
 ALWAYS_INLINE __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
-// Up to 16 bfloat16 values (mask m) as float32 lanes (zeros elsewhere).
-ALWAYS_INLINE __m512 load_bf16_ps(__mmask16 m, const bf16* p) {
-  return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p));
-}
-
-// v rounded to bfloat16 (nearest even) and back: what a bf16 op's result holds.
-ALWAYS_INLINE __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
-
-// exp(x) in float32 (|rel. error| < 2e-7): x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series
-// to r^7, times 2^n. Inputs below -87 give ~0 (softmax weights that small vanish anyway).
-ALWAYS_INLINE __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split: exact high part
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Activation row m of x (float32 or bfloat16) as float32 in dst[0, K).
 void row_to_float(const at::Tensor& x, int64_t m, float* dst) {
@@ -960,113 +942,6 @@ void int4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const at:
 }
 
 // ---------------------------------------------------------------------------------------------
-// RMS normalisation of a few bf16 rows (decode), as the model defines it: in fp32, rounded to bf16,
-// then times the bf16 weight and rounded again. weight is (W, D); row r of x uses weight row r % W
-// (W = 1: one weight for all rows; W = heads: per-head q/k norms). One pass and one allocation,
-// where the stock path is ~10 small ops (~20 us per call at decode, 13+ calls per step).
-
-// One row: orow = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))).
-void norm_row(const bf16* xr, const bf16* wr, int64_t D, double eps, bf16* orow) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= D; k += 16) {
-    const __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i*)(xr + k)));
-    acc = _mm512_fmadd_ps(v, v, acc);
-  }
-  float ss = _mm512_reduce_add_ps(acc);
-  for (; k < D; ++k) ss += static_cast<float>(xr[k]) * static_cast<float>(xr[k]);
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-  const __m512 vinv = _mm512_set1_ps(inv);
-  for (k = 0; k + 16 <= D; k += 16) {
-    const __m512 n = round_bf16(_mm512_mul_ps(load_bf16_ps(0xFFFF, xr + k), vinv));
-    _mm256_storeu_si256((__m256i*)(orow + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load_bf16_ps(0xFFFF, wr + k), n)));
-  }
-  for (; k < D; ++k) orow[k] = bf16(static_cast<float>(wr[k]) * static_cast<float>(bf16(static_cast<float>(xr[k]) * inv)));
-}
-
-at::Tensor rms_norm_bf16(const at::Tensor& x_, const at::Tensor& weight_, double eps) {
-  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && weight_.scalar_type() == at::kBFloat16,
-              "rms_norm_bf16: x and weight must be bfloat16");
-  const int64_t D = x_.size(-1);
-  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous();
-  TORCH_CHECK(D > 0 && weight.numel() % D == 0 && weight.numel() > 0, "rms_norm_bf16: weight must be (W, D)");
-  const int64_t R = x.numel() / D, W = weight.numel() / D;
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const bf16* xp = x.data_ptr<bf16>();
-  const bf16* wp = weight.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  for (int64_t r = 0; r < R; ++r) norm_row(xp + r * D, wp + (r % W) * D, D, eps, op + r * D);
-  return out;
-}
-
-// Per-head q/k RMS norm followed by the rotary embedding, rounded after every step as the
-// separate bf16 ops do (so bit-identical to them): x (B, T, Hh, D) (heads contiguous), weight
-// (Hh, D), cos and rot_sin (B, T, 1, D) with the first half of sin negated (see AttnContext):
-//   out = bf16(bf16(n * cos) + bf16(roll(n, D/2) * rot_sin)),  n = the normalised row.
-at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight_, double eps, const at::Tensor& cos,
-                              const at::Tensor& rot_sin) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight_.scalar_type() == at::kBFloat16 &&
-              cos.scalar_type() == at::kBFloat16 && rot_sin.scalar_type() == at::kBFloat16,
-              "rms_norm_rope_bf16: all inputs must be bfloat16");
-  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && x.stride(2) == x.size(3) && x.size(3) % 2 == 0,
-              "rms_norm_rope_bf16: x must be (B, T, heads, D) with contiguous heads");
-  const int64_t B = x.size(0), T = x.size(1), Hh = x.size(2), D = x.size(3);
-  const at::Tensor weight = weight_.contiguous();
-  TORCH_CHECK(weight.numel() == Hh * D, "rms_norm_rope_bf16: weight must be (heads, D)");
-  for (const at::Tensor* t : {&cos, &rot_sin})
-    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == T && t->size(2) == 1 && t->size(3) == D &&
-                t->stride(3) == 1, "rms_norm_rope_bf16: cos/rot_sin must be (B, T, 1, D)");
-  at::Tensor out = at::empty({B, T, Hh, D}, x.options());
-  std::vector<bf16> n(D);
-  const int64_t h = D / 2;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const bf16* c = cos.data_ptr<bf16>() + b * cos.stride(0) + t * cos.stride(1);
-      const bf16* rs = rot_sin.data_ptr<bf16>() + b * rot_sin.stride(0) + t * rot_sin.stride(1);
-      for (int64_t hd = 0; hd < Hh; ++hd) {
-        norm_row(x.data_ptr<bf16>() + b * x.stride(0) + t * x.stride(1) + hd * D, weight.data_ptr<bf16>() + hd * D, D,
-                 eps, n.data());
-        bf16* o = out.data_ptr<bf16>() + ((b * T + t) * Hh + hd) * D;
-        int64_t k = 0;
-        if (h % 16 == 0)  // 16 lanes at a time; the rolled half is then whole vectors too
-          for (; k < D; k += 16) {
-            const __m512 a = round_bf16(_mm512_mul_ps(load_bf16_ps(0xFFFF, n.data() + k), load_bf16_ps(0xFFFF, c + k)));
-            const __m512 r = round_bf16(_mm512_mul_ps(load_bf16_ps(0xFFFF, n.data() + (k + h) % D), load_bf16_ps(0xFFFF, rs + k)));
-            _mm256_storeu_si256((__m256i*)(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a, r)));
-          }
-        for (; k < D; ++k) {
-          const float a = static_cast<float>(bf16(static_cast<float>(n[k]) * static_cast<float>(c[k])));
-          const float r = static_cast<float>(bf16(static_cast<float>(n[(k + h) % D]) * static_cast<float>(rs[k])));
-          o[k] = bf16(a + r);
-        }
-      }
-    }
-  return out;
-}
-
-// SwiGLU's activation for decode rows: x (..., 2I) = [gate | up] -> bf16(bf16(silu(gate)) * up),
-// rounded as the separate bf16 ops round (silu in fp32, its exp within 2e-7 of the libm one).
-at::Tensor silu_mul_bf16(const at::Tensor& x_) {
-  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 && x_.size(-1) % 2 == 0, "silu_mul_bf16: x must be (..., 2I) bfloat16");
-  const at::Tensor x = x_.contiguous();
-  const int64_t I = x.size(-1) / 2, R = x.numel() / (2 * I);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = I;
-  at::Tensor out = at::empty(shape, x.options());
-  const bf16* xp = x.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = 0; k < I; k += 16) {
-      const __mmask16 m = I - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - k)) - 1);
-      const __m512 g = load_bf16_ps(m, xp + r * 2 * I + k), u = load_bf16_ps(m, xp + r * 2 * I + I + k);
-      const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      const __m512 sr = round_bf16(s);
-      _mm256_mask_storeu_epi16(op + r * I + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sr, u)));
-    }
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Decode attention: a few new query tokens against the KV cache, bf16 in and out, fp32 inside
 // (scores, softmax and the weighted sum of values), with grouped-query heads (q head h reads kv
@@ -1223,9 +1098,6 @@ TORCH_LIBRARY(qwen3vl_kernels, m) {
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
   m.def("int4_amx(int mode) -> bool", &int4_amx);
-  m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm_bf16);
-  m.def("rms_norm_rope_bf16(Tensor x, Tensor weight, float eps, Tensor cos, Tensor rot_sin) -> Tensor", &rms_norm_rope_bf16);
-  m.def("silu_mul_bf16(Tensor x) -> Tensor", &silu_mul_bf16);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attention);
   m.def("int8_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor idx) -> Tensor", &int8_gemv_multi);
   m.def("int4_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor idx) -> Tensor",

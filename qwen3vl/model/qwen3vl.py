@@ -18,7 +18,7 @@ from ..weights import load_checkpoint
 from .positions import PlaceholderMismatch, mrope_positions
 from .rope import TextRope
 from .text import MLP, Attention, AttnContext, Linear, SparseMoE, TextDecoder
-from .vision import VisionEncoder
+from .vision import VisionAttention, VisionEncoder, VisionMLP
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -114,10 +114,14 @@ class Qwen3VL(nn.Module):
         return model.eval()
 
     def select_kernels(self) -> None:
-        """Let bf16 CPU linears and decode attention use the compiled kernels (built now, at load,
-        so the first request does not pay for it; see ``qwen3vl.kernels``)."""
+        """Let bf16 CPU linears, decode attention and the pointwise passes of both towers use the
+        compiled kernels (built now, at load, so the first request does not pay for it; see
+        ``qwen3vl.kernels``)."""
         from .. import kernels
+        from ..allocator import keep_heap
 
+        if self.model.language_model.embed_tokens.weight.device.type == "cpu":
+            keep_heap()  # activations reused instead of re-faulted (see qwen3vl.allocator)
         linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
                    and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
         moes = [m for m in self.modules() if isinstance(m, SparseMoE) and _multi_kernel_experts(m)]
@@ -127,13 +131,17 @@ class Qwen3VL(nn.Module):
         bf16_cpu = emb.dtype == torch.bfloat16 and emb.device.type == "cpu"
         steps = [m for m in self.modules() if bf16_cpu and (isinstance(m, MLP) or isinstance(m, Attention)
                                                             and m.hd % 32 == 0)]
-        if (linears or moes or steps) and kernels.available():
+        # Vision: the rotary pass (bf16 or fp32, bit-identical) and, in bf16, the tanh-GELU.
+        pos = self.model.visual.pos_embed.weight
+        vision = [m for m in self.model.visual.modules() if pos.device.type == "cpu" and (
+            isinstance(m, VisionAttention) or isinstance(m, VisionMLP) and pos.dtype == torch.bfloat16)]
+        if (linears or moes or steps or vision) and kernels.available():
             for m in linears:
                 m.use_kernels = True
             for m in moes:
                 m.multi_kernels = True
-            for m in steps:
-                m.decode_kernel = True
+            for m in steps + vision:
+                m.cpu_kernels = True
 
     @torch.no_grad()
     def init_random(self, std: float = 0.02, seed: int = 0) -> None:

@@ -30,17 +30,14 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-_NORM_KERNEL_MAX = 2**16  # elements: decode-sized inputs; prefill keeps the parallel stock kernel
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in float32 and scale in the input dtype, exactly like the reference. ``weight``
     is (D,) or per head (heads, D)."""
     if x.dtype == torch.float32 and weight.dim() == 1:  # the fused kernel is bit-identical in fp32
         return F.rms_norm(x, weight.shape, weight, eps)
-    if (x.dtype == weight.dtype == torch.bfloat16 and x.numel() <= _NORM_KERNEL_MAX and x.device.type == "cpu"
-            and kernels.available()):
-        # Decode: the compiled one-pass version (same arithmetic, sums in another order).
+    if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.available():
+        # The compiled one-pass version (same arithmetic, sums in another order): decode pays
+        # ~10 ops' fixed costs otherwise, prefill three passes over fp32 copies.
         return kernels.rms_norm_bf16(x, weight, eps)
     # Normalised by the fused fp32 kernel (bit-identical to x * rsqrt(mean(x^2) + eps), fewer
     # ops: decode of small models is per-op overhead), rounded to x's dtype, then scaled.
@@ -89,9 +86,9 @@ class AttnContext:
 
 
 class Attention(nn.Module):
-    # bf16 on CPU with the compiled kernels (set at load, Qwen3VL.select_kernels): decode-sized
-    # inputs use the fused q/k norm + rotary pass and the decode attention kernel.
-    decode_kernel = False
+    # bf16 on CPU with the compiled kernels (set at load, Qwen3VL.select_kernels): the fused q/k
+    # norm + rotary pass, and the decode attention kernel for a few new tokens.
+    cpu_kernels = False
 
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -108,7 +105,7 @@ class Attention(nn.Module):
         qk, v = qkv.split((self.nh + self.nkv, self.nkv), dim=2)  # (B, T, nh+nkv, D), (B, T, nkv, D)
         # q and k heads normalised and rotated in one pass: per head this is exactly q_norm / k_norm
         # followed by the rotation, with half the kernel launches.
-        fused = self.decode_kernel and t <= 4 and qk.dtype == torch.bfloat16 and qk.device.type == "cpu"
+        fused = self.cpu_kernels and qk.dtype == torch.bfloat16 and qk.device.type == "cpu"
         if fused:  # the same arithmetic in one compiled pass
             qk = kernels.rms_norm_rope_bf16(qk, self._qk_norm_weight(), self.q_norm.eps, ctx.cos_heads,
                                             ctx.rot_sin_heads)
@@ -120,7 +117,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, nkv, T, D)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer, k, v)  # (B, nkv, L, D)
-        if fused and (t == 1 or ctx.mask is not None):
+        if fused and t <= 4 and (t == 1 or ctx.mask is not None):
             o = kernels.decode_attention(q, k, v, ctx.mask)  # (B, nh, T, D)
         elif ctx.mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.nkv != self.nh)
@@ -148,7 +145,7 @@ def _version(t: torch.Tensor) -> int:
 class MLP(nn.Module):
     """SwiGLU with gate and up fused into one projection."""
 
-    decode_kernel = False  # bf16 on CPU with the compiled kernels: set at load (Qwen3VL.select_kernels)
+    cpu_kernels = False  # bf16 on CPU with the compiled kernels: set at load (Qwen3VL.select_kernels)
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -158,8 +155,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up_proj(x)
-        decode_rows = gu.numel() <= 8 * gu.shape[-1]
-        if self.decode_kernel and decode_rows and gu.dtype == torch.bfloat16 and gu.device.type == "cpu":
+        if self.cpu_kernels and gu.dtype == torch.bfloat16 and gu.device.type == "cpu":
             return self.down_proj(kernels.silu_mul_bf16(gu))  # one compiled pass, same rounding
         gate, up = gu.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
