@@ -13,8 +13,8 @@ touches in that format (k experts x 3 matrices per sparse layer, attention, rout
 the memory bandwidth measured here. The MoE blocks are also timed alone (one token through every
 layer's block, same inputs for both), the part of decode this block owns.
 
-Our int8/int4 rows quantize the same bf16 checkpoint at load (``qwen3vl.quant``: experts and
-attention in that format, lm_head int8, router bf16); their speed-up over the reference is partly
+Our int8/int4 rows quantize the same bf16 checkpoint at load (``qwen3vl.quant``: experts in that
+format, attention and lm_head int8, router bf16); their speed-up over the reference is partly
 the smaller format, so the table gives each format's bytes per token and share of its own limit.
 At 4 layers the lm_head (622 MB in bf16) is over half of the bf16 bytes a token reads, at 8 layers
 41 %, in the real 48-layer model 10 %: more layers weigh the MoE layers more.
@@ -90,7 +90,8 @@ def bytes_per_token(cfg: dict, fmt: str = "bf16") -> dict:
     q, kv = t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
     layers = t["num_hidden_layers"]
     experts = layers * k * (2 * i * h * bytes_per_weight(fmt, h) + h * i * bytes_per_weight(fmt, i))
-    attention = layers * ((q + 2 * kv) * h * bytes_per_weight(fmt, h) + h * q * bytes_per_weight(fmt, q))
+    att = "bf16" if fmt == "bf16" else "int8"  # quantized models keep attention in int8 (qwen3vl.quant)
+    attention = layers * ((q + 2 * kv) * h * bytes_per_weight(att, h) + h * q * bytes_per_weight(att, q))
     router = layers * e * h * 2
     lm_head = t["vocab_size"] * h * bytes_per_weight("bf16" if fmt == "bf16" else "int8", h)
     return {"experts": experts, "attention": attention, "router": router, "lm_head": lm_head,
@@ -231,7 +232,7 @@ def report(args, cfg: dict, bw: float, load: float, ours: dict, ref: dict, same:
               f"{w['experts_mb']:11.0f}{limit:12.2f}{w['pct']:8.0f}{w['moe_ms']:8.2f}{greedy:>12s}")
     print(f"bf16 bytes/token: experts {ref_b['experts'] / 1e6:.0f} MB ({t['num_experts_per_tok']} x 3 x H x I per "
           f"sparse layer), attention {ref_b['attention'] / 1e6:.0f} MB, router {ref_b['router'] / 1e6:.1f} MB, "
-          f"lm_head {ref_b['lm_head'] / 1e6:.0f} MB (int8 formats: lm_head int8, router bf16)")
+          f"lm_head {ref_b['lm_head'] / 1e6:.0f} MB (int8 / int4: attention and lm_head int8, router bf16)")
     print("same greedy: leading greedy tokens equal to the reference's (quantized formats are expected to drift)")
     print(json.dumps({
         "bench": "moe_decode", "layers": t["num_hidden_layers"], "experts": t["num_experts"],
