@@ -1,4 +1,5 @@
-"""Keep freed CPU memory in the process (glibc malloc), so activations are reused, not re-faulted.
+"""CPU memory placement: freed activations stay in the process (glibc malloc), so they are reused
+rather than re-faulted; weights ask for transparent huge pages.
 
 A forward pass frees and reallocates the same few-MB activations hundreds of times. glibc returns
 freed memory at the top of the heap to the OS once more than M_TRIM_THRESHOLD is free, and serves
@@ -10,6 +11,12 @@ such blocks in the heap: RSS stays at its high-water mark instead of shrinking b
 
 Applied once when a CPU model is loaded; ``QWEN3VL_KEEP_HEAP=0`` leaves malloc alone. A no-op
 outside glibc.
+
+Decode streams every weight once per token. With 4 KiB pages that is a TLB miss every 4 KiB, and
+in a VM each miss walks two levels of page tables; with 2 MiB pages (``madvise(MADV_HUGEPAGE)``
+on the weights before they are first written, for kernels whose transparent huge pages are in
+``madvise`` mode) the 2B bf16 layer stack streamed in 115-116 instead of 121-122 ms per token
+(2 threads). ``QWEN3VL_HUGE_PAGES=0`` turns that off.
 """
 from __future__ import annotations
 
@@ -18,8 +25,39 @@ import ctypes.util
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_HUGE = 2 * 2**20
 _MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit
 _done: list[bool] = []
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def advise_huge_pages(tensors) -> int:
+    """Ask for 2 MiB pages under each CPU tensor of at least 4 MiB (the whole 2 MiB-aligned pages
+    inside it), before it is first written. Returns the bytes advised (0 where unsupported)."""
+    if os.environ.get("QWEN3VL_HUGE_PAGES", "1") == "0" or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+        return 0
+    libc = _libc()
+    madvise = getattr(libc, "madvise", None)
+    if madvise is None:
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for t in tensors:
+        nbytes = t.untyped_storage().nbytes() if t.device.type == "cpu" else 0
+        if nbytes < 2 * _HUGE:
+            continue
+        start = t.untyped_storage().data_ptr()
+        lo, hi = -(-start // _HUGE) * _HUGE, (start + nbytes) // _HUGE * _HUGE
+        if hi > lo and madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:
+            advised += hi - lo
+    return advised
 
 
 def keep_heap() -> bool:
@@ -28,11 +66,7 @@ def keep_heap() -> bool:
         return _done[0]
     ok = False
     if os.environ.get("QWEN3VL_KEEP_HEAP", "1") != "0":
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-            mallopt = None
+        mallopt = getattr(_libc(), "mallopt", None)  # None: not glibc (musl, macOS, Windows)
         if mallopt is not None:
             ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
     _done.append(ok)

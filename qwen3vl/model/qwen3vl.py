@@ -97,6 +97,10 @@ class Qwen3VL(nn.Module):
         buffers (see ``rope._Tables``), so nothing is left uninitialised but the weights."""
         self.to_empty(device=device)
         self.tie_weights()
+        if torch.device(device).type == "cpu":
+            from ..allocator import advise_huge_pages
+
+            advise_huge_pages([*self.parameters(), *self.buffers()])  # before the weights are written
         return self
 
     @classmethod
