@@ -172,6 +172,13 @@ class QuantLinear(_Quantized):
         y = self._matmul((), x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
+    def kernel_weights(self) -> list[torch.Tensor] | None:
+        """The tensors ``kernels.decode_layer`` reads for this format, or None without the
+        compiled kernels."""
+        if not self.ext_kernels:
+            return None
+        return [self.qweight, self.scales] if self.mode == "int8" else [self.qweight, self.scales, self.zeros]
+
 
 class QuantExperts(_Quantized):
     """A MoE block's stacked expert matrices (E, N, K), stored as in ``QuantLinear`` per expert."""

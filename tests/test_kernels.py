@@ -454,3 +454,81 @@ def test_vision_encoder_uses_the_pointwise_kernels(tiny_ckpt, monkeypatch, dtype
             assert torch.equal(a, b)
         else:
             assert rel(a.float(), b.float()) < 2e-2
+
+
+def _decode_run(model, fused: bool, mode: str, steps):
+    """Prefill 5 random embeddings then 3 one-token steps through the decoder (layer steps on or
+    off) -> (hidden states of every call, the slot's K and V cache)."""
+    from qwen3vl.engine.kv_cache import KVCache, Scatter, Window
+    from qwen3vl.model.text import AttnContext
+
+    dec = model.model.language_model
+    for layer, step in zip(dec.layers, steps):
+        layer._step = step if fused else None
+    cfg = model.config.text
+    slot = 1 if mode == "window" else 0
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(cfg, 2, 16, torch.bfloat16, "cpu")
+    outs = []
+    with torch.inference_mode():
+        for start, t in ((0, 5), (5, 1), (6, 1), (7, 1)):
+            x = torch.randn(1, t, cfg.hidden_size, generator=g).bfloat16()
+            pos = torch.arange(start, start + t)[None, None].expand(3, 1, t)
+            cos, sin = model.rope(pos, torch.bfloat16)
+            if mode == "scatter" and t == 1:
+                win = Scatter(cache, torch.tensor([start]), start + 1)
+            else:
+                win = Window(cache, slice(slot, slot + 1), start, None, t)
+            outs.append(dec(x, AttnContext(cos, sin, win.mask, win)))
+    return outs, cache.k[:, slot].clone(), cache.v[:, slot].clone()
+
+
+@needs_ext
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("mode", ["window", "scatter"])
+def test_decode_layer_is_bit_identical_to_the_module_path(tiny_ckpt, quant, mode, monkeypatch):
+    """Batch-1 decode runs each dense layer as one compiled call (kernels.decode_layer) in every
+    weight format: same kernels, same order, so hidden states and the KV cache match the
+    layer-by-layer path bit for bit (cache slot 1 through a Window, slot 0 through a Scatter)."""
+    import qwen3vl
+
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization=quant, group_size=32)
+    steps = [layer._step for layer in model.model.language_model.layers]
+    assert all(s is not None for s in steps)
+    calls = []
+    real = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(a[8]) or real(*a))
+    fused = _decode_run(model, True, mode, steps)
+    assert calls == [5] * 4 + [6] * 4 + [7] * 4  # only the one-token calls, at their cache index
+    calls.clear()
+    plain = _decode_run(model, False, mode, steps)
+    assert calls == []
+    for a, b in zip(fused[0], plain[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(fused[1], plain[1]) and torch.equal(fused[2], plain[2])
+    assert fused[1][:, :, 7].abs().sum() > 0  # the last step's keys were written
+
+
+@needs_ext
+def test_decode_layer_only_where_it_applies(tiny_ckpt):
+    """The one-call step needs one row writing one token with no mask, dense layers and the
+    compiled kernels; moved or converted weights drop it (and still run)."""
+    import qwen3vl
+    from qwen3vl.engine.kv_cache import KVCache, Scatter, Window
+
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    cfg = model.config.text
+    cache = KVCache(cfg, 2, 16, torch.bfloat16, "cpu")
+    assert Window(cache, slice(0, 1), 0, None, 4).one_token is None  # prefill
+    assert Window(cache, slice(0, 2), 4, None, 1).one_token is None  # two rows
+    assert Window(cache, slice(1, 2), 4, None, 1).one_token == (1, 4)
+    assert Scatter(cache, torch.tensor([4, 2]), 5).one_token is None
+    assert Scatter(cache, torch.tensor([4]), 5).one_token == (0, 4)
+    Window(cache, slice(0, 1), 0, torch.tensor([[False, True, True]]), 3)  # slot 0 now holds padding
+    assert Window(cache, slice(0, 1), 3, None, 1).one_token is None
+    assert Scatter(cache, torch.tensor([3]), 4).one_token is None
+    assert qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).model.language_model.layers[0]._step is None  # fp32
+    model.float()
+    assert all(layer._step is None for layer in model.model.language_model.layers)
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 5)

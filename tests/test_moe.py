@@ -283,3 +283,20 @@ def test_bf16_multi_expert_decode_matches_per_expert_path(quant_moe_ckpt):
         m.multi_kernels = True
         for a, b in zip(fast, slow):
             assert a.shape == (1, 1, 64) and rel_err(a.float(), b.float()) < 2e-2
+
+
+def test_dense_layers_of_a_moe_model_take_the_one_call_decode_step(quant_moe_ckpt):
+    """In bf16 on CPU the dense layer runs batch-1 decode as one compiled call, the MoE layers
+    keep the module path; greedy tokens are the same with the step on or off."""
+    from qwen3vl import kernels
+    from qwen3vl.model.text import MLP
+
+    model = qwen3vl.Qwen3VL.from_pretrained(quant_moe_ckpt, dtype="bfloat16")
+    layers = model.model.language_model.layers
+    steps = [layer._step for layer in layers]
+    assert [s is not None for s in steps] == [isinstance(layer.mlp, MLP) and kernels.available() for layer in layers]
+    ids = torch.tensor([[5, 9, 2, 7]])
+    fused = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    for layer in layers:
+        layer._step = None
+    assert torch.equal(fused, model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False))

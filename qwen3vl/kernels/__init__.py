@@ -1,5 +1,6 @@
 """AVX-512 kernels for CPU decode and prefill, compiled on first use (gemv.cpp: matrix-vector
-products, dequantization, decode attention; pointwise.cpp: norms, rotary embeddings, activations).
+products, dequantization, decode attention; pointwise.cpp: norms, rotary embeddings, activations;
+layer.cpp: a whole dense decoder layer for one decode token, from the other two).
 
 Decode multiplies a few activation rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; these kernels read each weight once for all rows and stream int8/int4
@@ -44,7 +45,7 @@ import time
 import torch
 
 _DIR = os.path.dirname(__file__)
-_SOURCES = [os.path.join(_DIR, name) for name in ("gemv.cpp", "pointwise.cpp")]
+_SOURCES = [os.path.join(_DIR, name) for name in ("gemv.cpp", "pointwise.cpp", "layer.cpp")]
 _HEADERS = [os.path.join(_DIR, "simd.h")]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 _state: dict = {}
@@ -223,6 +224,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if available():
         return torch.ops.qwen3vl_kernels.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def decode_layer(x: torch.Tensor, in_norm: torch.Tensor, qkv: list[torch.Tensor], qk_norm: torch.Tensor,
+                 cos: torch.Tensor, rot_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                 o: list[torch.Tensor], post_norm: torch.Tensor, gate_up: list[torch.Tensor],
+                 down: list[torch.Tensor], eps: float, group_size: int) -> torch.Tensor:
+    """One dense decoder layer for one token, x (1, 1, H) bf16 -> (1, 1, H), in one call (layer.cpp):
+    the kernels above in the order ``DecoderLayer.forward`` calls them, so bit-identical to it.
+    Its key and value go to index ``pos`` of k_cache / v_cache ((1, Hkv, S, D) views of one
+    cache slot) and it attends to [0, pos]; qk_norm is (H + Hkv, D) (``Attention._qk_norm_weight``);
+    each projection is [weight] (bf16), [qweight, scales] (int8) or [qweight, scales, zeros] (int4,
+    ``group_size``). Needs the extension (the layer's own forward is the fallback)."""
+    return torch.ops.qwen3vl_kernels.decode_layer(x, in_norm, qkv, qk_norm, cos, rot_sin, k_cache, v_cache, pos, o,
+                                                  post_norm, gate_up, down, eps, group_size)
 
 
 def int8_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

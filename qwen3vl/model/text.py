@@ -61,6 +61,11 @@ class Linear(nn.Linear):
                 return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def kernel_weights(self) -> list[torch.Tensor] | None:
+        """The weight as ``kernels.decode_layer`` takes it, or None when the layer does not run on
+        the compiled kernels."""
+        return [self.weight] if self.use_kernels and self.bias is None else None
+
 
 @dataclass
 class AttnContext:
@@ -263,10 +268,46 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # (qkv, o, gate_up, down weight lists, int4 group size) for the one-call decode step; set at
+        # load (enable_step_kernel), dropped when the weights move (_apply).
+        self._step: tuple | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self._step is not None and x.shape[0] == 1 and x.shape[1] == 1:
+            slot = getattr(ctx.cache, "one_token", None)
+            if slot is not None:
+                return self._decode_step(x, ctx, *slot)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def enable_step_kernel(self) -> bool:
+        """Let batch-1 decode run this layer as one compiled call (``kernels.decode_layer``: the
+        same kernels in the same order, bit-identical) when every part of it already runs on the
+        compiled CPU kernels: a dense MLP, bf16 activations, bf16 or quantized projections."""
+        a, m = self.self_attn, self.mlp
+        self._step = None
+        if not (isinstance(m, MLP) and a.cpu_kernels and m.cpu_kernels and kernels.available()):
+            return False
+        linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+        weights = [lin.kernel_weights() for lin in linears]
+        if any(w is None for w in weights):
+            return False
+        group = max(getattr(lin, "group_size", 0) for lin in linears)
+        self._step = (*weights, group)
+        return True
+
+    def _apply(self, fn, *args, **kwargs):
+        self._step = None  # moved or converted weights: back to the module path
+        return super()._apply(fn, *args, **kwargs)
+
+    def _decode_step(self, x: torch.Tensor, ctx: AttnContext, slot: int, pos: int) -> torch.Tensor:
+        """x (1, 1, H): one token of the sequence in cache slot ``slot``, written at index ``pos``."""
+        qkv, o, gate_up, down, group = self._step
+        a, cache = self.self_attn, ctx.cache.cache
+        return kernels.decode_layer(x, self.input_layernorm.weight, qkv, a._qk_norm_weight(), ctx.cos_heads,
+                                    ctx.rot_sin_heads, cache.k[a.layer, slot : slot + 1],
+                                    cache.v[a.layer, slot : slot + 1], pos, o, self.post_attention_layernorm.weight,
+                                    gate_up, down, self.input_layernorm.eps, group)
 
 
 class TextDecoder(nn.Module):
