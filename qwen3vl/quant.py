@@ -10,7 +10,7 @@ Decode (up to ``DECODE_ROWS`` activation rows) uses the compiled matrix-vector k
 compiler, QWEN3VL_NO_EXT=1) it falls back to ``torch._weight_int8pack_mm`` /
 ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (about half the speed; int4 MoE
 experts then dequantize and use the GEMM). The compiled kernels round activations (int8: to int16
-per row, int4: to int8 per block of 128; 5-8 rows of int4 use AMX tiles where available; see
+per row, int4: to int8 per block of 128; 5-8 rows use AMX tiles where available; see
 ``qwen3vl.kernels``).
 Policy (``layer_mode``): the MLP (gate/up, down) projections and the MoE experts are in the
 chosen format; the attention projections (q/k/v, o) and the ``lm_head`` are int8 in both modes.

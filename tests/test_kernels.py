@@ -39,18 +39,16 @@ def fp32_weight(lin):
 
 
 def kernel_activations(lin, x):
-    """The activations the kernel multiplies, in float64: int4 quantizes each row to int8 per
-    block of 128 (absmax / 127, round half to even, as gemv.cpp does); int8's per-row int16
-    rounding (2^-16 of the row's max) is below every tolerance used here, so x itself."""
+    """The activations the kernel multiplies, in float64, rounded as gemv.cpp rounds them (absmax
+    scale, round half to even): int8 to int16 per row, int4 to int8 per block of 128."""
     x = x.float()
-    if lin.mode == "int8":
-        return x.double()
+    width, limit = (x.shape[1], 32767) if lin.mode == "int8" else (128, 127)
     out = torch.empty_like(x)
-    for k in range(0, x.shape[1], 128):
-        blk = x[:, k : k + 128]
+    for k in range(0, x.shape[1], width):
+        blk = x[:, k : k + width]
         amax = blk.abs().amax(1, keepdim=True)
-        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-        out[:, k : k + 128] = torch.round(blk * (1 / scale)).clamp(-127, 127) * scale
+        scale = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
+        out[:, k : k + width] = torch.round(blk * (1 / scale)).clamp(-limit, limit) * scale
     return out.double()
 
 
@@ -85,28 +83,33 @@ def test_quantized_gemv_matches_fp32_dequantization(mode, group, dtype, m):
         assert rel(y, x.double() @ fp32_weight(lin).t()) < ACT_TOL[mode]
 
 
-# (N, K, G) for the AMX int4 path: N with a remainder below 16 rows, each tile width (G 32: 32
-# k per tile, 64 and 128: 64), and one with an odd number of groups (kept on the vpdpbusd kernel).
-AMX_SHAPES = [(277, 384, 32), (256, 512, 64), (40, 1024, 64), (96, 256, 128), (48, 384, 128)]
+# (N, K, G) for the AMX paths: N with a remainder below 16 rows; int4: each tile width (G 32: 32 k
+# per tile, 64 and 128: 64) and one with an odd number of groups (kept on the vpdpbusd kernel);
+# int8: K beyond one int32 sum (16384) and K not a multiple of 64 (kept on the vpdpwssd kernel).
+AMX_SHAPES = {"int4": [(277, 384, 32), (256, 512, 64), (40, 1024, 64), (96, 256, 128), (48, 384, 128)],
+              "int8": [(277, 384, 0), (32, 16448, 0), (40, 200, 0), (16, 2048, 0)]}
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [5, 8, 13])  # 13: a pass of 8 rows, then one of 5
-def test_int4_amx_path_matches_fp32_and_the_vnni_path(dtype, m):
-    if not kernels.int4_amx():
+def test_amx_paths_match_fp32_and_the_vnni_path(mode, dtype, m):
+    if not kernels.amx():
         pytest.skip("no AMX tiles on this CPU")
-    for n, k, group in AMX_SHAPES:
-        lin = quantized("int4", n, k, group, seed=n)
+    for n, k, group in AMX_SHAPES[mode]:
+        lin = quantized(mode, n, k, group or 64, seed=n)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+        if mode == "int8":
+            x[:, 5] = x.abs().max() * 2  # a row maximum: its int16 code 32767 has hi byte 127, lo byte 255
         y = run_kernel(lin, x)
         assert y.shape == (m, n) and y.dtype == dtype
         assert rel(y, kernel_activations(lin, x) @ fp32_weight(lin).t()) < TOL[dtype]
-        assert kernels.int4_amx(False) is False
+        assert kernels.amx(False) is False
         try:
             y_vnni = run_kernel(lin, x)
         finally:
-            assert kernels.int4_amx(True) is True
+            assert kernels.amx(True) is True
         # Same integer products and fp32 scaling, summed in another order.
         assert rel(y, y_vnni.double()) < (1e-5 if dtype == torch.float32 else 2**-8)
 

@@ -18,8 +18,8 @@ Entry points take x (M, K) float32 or bfloat16 and return (M, N) in x's dtype:
 Both quantized kernels use integer dot products (AVX-512 VNNI) on quantized activations: int8
 rounds each activation row to int16 (one scale per row, error <= 2^-16 of its max), int4 to int8
 per block of 128 (error <= 1/254 of the block's max, small next to the 4-bit weights' own). With
-5-8 activation rows int4 uses AMX tiles where the CPU and OS allow (same products and scaling,
-summed in another order; see ``int4_amx``).
+5-8 activation rows both use AMX tiles where the CPU and OS allow (same products and scaling,
+summed in another order; int8 splits each int16 activation into two bytes; see ``amx``).
   * ``bf16_gemv(x, weight (N, K) bfloat16)``
   * ``rms_norm_bf16``, ``rms_norm_rope_bf16``, ``silu_mul_bf16``, ``gelu_tanh_bf16``,
     ``vision_rope``: RMS norm, q/k norm + rotary embedding, SwiGLU, tanh-GELU and the vision
@@ -151,12 +151,12 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     return (x.float() @ _int4_fp32(qweight, scales, zeros, group_size).t()).to(x.dtype)
 
 
-def int4_amx(enable: bool | None = None) -> bool:
-    """Whether ``int4_gemv`` uses AMX tiles for 2-8 activation rows (CPUs with AMX-INT8, when the
-    OS grants the tile state); ``enable`` switches it (tests compare both paths)."""
+def amx(enable: bool | None = None) -> bool:
+    """Whether ``int8_gemv`` / ``int4_gemv`` use AMX tiles for 5-8 activation rows (CPUs with
+    AMX-INT8, when the OS grants the tile state); ``enable`` switches it (tests compare both paths)."""
     if not available():
         return False
-    return torch.ops.qwen3vl_kernels.int4_amx(-1 if enable is None else int(enable))
+    return torch.ops.qwen3vl_kernels.amx(-1 if enable is None else int(enable))
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

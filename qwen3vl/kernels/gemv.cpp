@@ -24,7 +24,7 @@
 #include <cstring>
 #include <vector>
 
-// AMX tiles (int4 kernel, several activation rows): compiled in when -march=native has them, used
+// AMX tiles (int8 and int4 kernels, several activation rows): compiled in when -march=native has them, used
 // when the kernel grants this process the tile state (Linux arch_prctl).
 #if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define QWEN3VL_AMX 1
@@ -308,6 +308,9 @@ void check_x(const at::Tensor& x, const char* name) {
               ": x must be (M, K) float32 or bfloat16");
 }
 
+// int8 x (5-8 activation rows) with AMX tiles, defined below; false when it does not apply.
+bool int8_gemv_amx(const Int8Args& a, int64_t M);
+
 at::Tensor int8_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::Tensor& scales) {
   const at::Tensor x = x_.contiguous();
   check_x(x, "int8_gemv");
@@ -318,9 +321,15 @@ at::Tensor int8_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), Kp = (K + 31) / 32 * 32;
   const Int16Rows xq = quantize_int16(x, Kp);
   std::vector<float> y(M * N);
+  auto args = [&](int64_t r0) {
+    return Int8Args{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), xq.q.data() + r0 * Kp,
+                    xq.scale.data() + r0, y.data() + r0 * N, N, K, Kp};
+  };
+  bool amx = true;
+  for (int64_t r0 = 0; r0 < M && amx; r0 += kMaxRows) amx = int8_gemv_amx(args(r0), std::min<int64_t>(kMaxRows, M - r0));
+  if (amx) return epilogue(y, x, N, false);
   parallel_rows(M, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
-    const Int8Args a{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), xq.q.data() + r0 * Kp,
-                     xq.scale.data() + r0, y.data() + r0 * N, N, K, Kp};
+    const Int8Args a = args(r0);
     DISPATCH_ROWS(mb, int8_rows, a, lo, hi);
   });
   return epilogue(y, x, N, false);
@@ -492,8 +501,9 @@ bool amx_supported() {
 #endif
 }
 
-// mode 0: off, 1: on (when supported), else unchanged; returns whether int4_gemv uses AMX now.
-bool int4_amx(int64_t mode) {
+// mode 0: off, 1: on (when supported), else unchanged; returns whether int8_gemv / int4_gemv use
+// AMX for 5-8 activation rows now.
+bool amx(int64_t mode) {
   if (mode == 0 || mode == 1) g_amx_enabled = mode == 1;
   return g_amx_enabled && amx_supported();
 }
@@ -692,7 +702,80 @@ void int4_rows_amx(const Int4Args& a, const Int4Tiles& t, int64_t lo, int64_t hi
   }
   _tile_release();
 }
+
+// int8 weights with AMX: the A tile is 16 weight rows x 64 k straight from memory (no unpacking);
+// each int16 activation x = 256 hi + lo (hi signed, lo unsigned bytes) gives two B tiles, multiplied
+// with tdpbssd and tdpbsud into two C tiles of 16 output rows x M activation rows. Same integer
+// products as the vpdpwssd kernel, summed in another order: from 5 rows that kernel is bound by
+// its multiplies (8 rows: ~2x the time of 1), this one by memory.
+constexpr int64_t kAmxFlush = 16384;  // k per int32 sum: 16384 * 127 * 255 < 2^31
+
+struct Int8Tiles {
+  std::vector<uint8_t> hi, lo;  // (K / 4, 4 M) each: row r = k-quad r, 4 bytes per activation row
+};
+
+Int8Tiles int8_tiles(const Int8Args& a, int64_t M) {
+  Int8Tiles t{std::vector<uint8_t>(a.K * M), std::vector<uint8_t>(a.K * M)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < a.K; ++k) {
+      const int16_t v = a.x[m * a.Kp + k];
+      const int64_t at = (k / 4 * M + m) * 4 + k % 4;
+      t.hi[at] = static_cast<uint8_t>(static_cast<int8_t>(v >> 8));
+      t.lo[at] = static_cast<uint8_t>(v & 0xFF);
+    }
+  return t;
+}
+
+// Output rows [lo, hi) (a multiple of 16 apart). Tiles: 0, 1 = C (hi, lo), 2 = A, 3, 4 = B (hi, lo).
+template <int M>
+void int8_rows_amx(const Int8Args& a, const Int8Tiles& t, int64_t lo, int64_t hi) {
+  alignas(64) TileConfig cfg{};
+  cfg.palette = 1;
+  for (int c : {0, 1, 3, 4}) cfg.rows[c] = 16, cfg.colsb[c] = 4 * M;
+  cfg.rows[2] = 16, cfg.colsb[2] = 64;
+  _tile_loadconfig(&cfg);
+  prefetch_head(a.q + lo * a.K, (hi - lo) * a.K, 32768);
+  alignas(64) int32_t ch[16 * M], cl[16 * M];
+  for (int64_t n0 = lo; n0 < hi; n0 += 16) {
+    const int8_t* blk = a.q + n0 * a.K;
+    float tot[16 * M] = {};
+    for (int64_t k0 = 0; k0 < a.K; k0 += kAmxFlush) {
+      const int64_t k1 = std::min(a.K, k0 + kAmxFlush);
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = k0; k < k1; k += 64) {
+        prefetch_block<16, 32768>(blk, k);
+        _tile_loadd(2, blk + k, a.K);
+        _tile_loadd(3, t.hi.data() + k * M, 4 * M);
+        _tile_loadd(4, t.lo.data() + k * M, 4 * M);
+        _tile_dpbssd(0, 2, 3);
+        _tile_dpbsud(1, 2, 4);
+      }
+      _tile_stored(0, ch, 4 * M);
+      _tile_stored(1, cl, 4 * M);
+      for (int i = 0; i < 16 * M; ++i) tot[i] += 256.f * static_cast<float>(ch[i]) + static_cast<float>(cl[i]);
+    }
+    for (int c = 0; c < 16; ++c)
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n0 + c] = a.scales[n0 + c] * a.sx[m] * tot[c * M + m];
+  }
+  _tile_release();
+}
 #endif
+
+bool int8_gemv_amx(const Int8Args& a, int64_t M) {
+#ifdef QWEN3VL_AMX
+  if (M < kAmxMinRows || a.K % 64 || a.N < 16 || !amx(-1)) return false;
+  const Int8Tiles t = int8_tiles(a, M);
+  const int64_t chunks = a.N / 16;
+  at::parallel_for(0, chunks, 2, [&](int64_t lo, int64_t hi) {
+    DISPATCH_ROWS(M, int8_rows_amx, a, t, lo * 16, hi * 16);
+    if (hi == chunks && a.N % 16) DISPATCH_ROWS(M, int8_rows, a, chunks * 16, a.N);
+  });
+  return true;
+#else
+  return false;
+#endif
+}
 
 // Word indices for the scale shuffle in int4_step: lane i (k in [8i, 8i + 8) of a block) takes
 // the block's group 8i / G into its high 16 bits.
@@ -734,7 +817,7 @@ at::Tensor int4_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::
                     y.data() + r0 * N, N, K, xp.Kp, group_size, xp.groups};
   };
 #ifdef QWEN3VL_AMX
-  if (M >= kAmxMinRows && K % 128 == 0 && xp.groups % 2 == 0 && N >= 16 && int4_amx(-1)) {
+  if (M >= kAmxMinRows && K % 128 == 0 && xp.groups % 2 == 0 && N >= 16 && amx(-1)) {
     const int64_t chunks = N / 16;
     for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
       const int64_t mb = std::min<int64_t>(kMaxRows, M - r0);
@@ -974,6 +1057,7 @@ void value_sum(const float* p, const bf16* v, int64_t stride, int64_t L, int64_t
     for (int c = 0; c < NC; ++c) ev[g][c] = od[g][c] = _mm512_setzero_ps();
   const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
   for (int64_t l = 0; l < L; ++l) {
+    for (int c = 0; c < NC; c += 2) _mm_prefetch((const char*)(v + (l + 16) * stride + 32 * c), _MM_HINT_T0);
     __m512 pl[GB];
     for (int g = 0; g < GB; ++g) pl[g] = _mm512_set1_ps(p[g * L + l]);
     for (int c = 0; c < NC; ++c) {
@@ -1046,6 +1130,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const uint8_t* mrow = mp ? mp + b * msb + t * mst : nullptr;
       for (int64_t l0 = 0; l0 < L; l0 += 16) {  // scores of 16 keys at a time
         const int64_t nk = std::min<int64_t>(16, L - l0);
+        // The keys two blocks ahead (or the first values): the rows are short streams from DRAM.
+        for (int j = 0; j < 16; ++j) {
+          const int64_t l = l0 + 32 + j;
+          const char* row = l < L ? (const char*)(kb + l * k.stride(2)) : (const char*)(vb + (l - L) * v.stride(2));
+          for (int64_t d = 0; d < D; d += 32) _mm_prefetch(row + 2 * d, _MM_HINT_T0);
+        }
         for (int64_t g = 0; g < G; ++g) {
           const bf16* qr = qp + b * q.stride(0) + (h * G + g) * q.stride(1) + t * q.stride(2);
           __m512 a[16];
@@ -1097,7 +1187,7 @@ TORCH_LIBRARY(qwen3vl_kernels, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor", &int8_gemv);
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_gemv);
   m.def("bf16_gemv(Tensor x, Tensor weight) -> Tensor", &bf16_gemv);
-  m.def("int4_amx(int mode) -> bool", &int4_amx);
+  m.def("amx(int mode) -> bool", &amx);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &decode_attention);
   m.def("int8_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor idx) -> Tensor", &int8_gemv_multi);
   m.def("int4_gemv_multi(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor idx) -> Tensor",
