@@ -173,7 +173,7 @@ class QuantLinear(_Quantized):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def kernel_weights(self) -> list[torch.Tensor] | None:
-        """The tensors ``kernels.decode_layer`` reads for this format, or None without the
+        """The tensors ``kernels.decode_layers`` reads for this format, or None without the
         compiled kernels."""
         if not self.ext_kernels:
             return None

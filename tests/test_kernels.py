@@ -459,15 +459,20 @@ def test_vision_encoder_uses_the_pointwise_kernels(tiny_ckpt, monkeypatch, dtype
             assert rel(a.float(), b.float()) < 2e-2
 
 
-def _decode_run(model, fused: bool, mode: str, steps):
-    """Prefill 5 random embeddings then 3 one-token steps through the decoder (layer steps on or
-    off) -> (hidden states of every call, the slot's K and V cache)."""
+def _decode_run(model, path: str, mode: str):
+    """Prefill 5 random embeddings then 3 one-token steps through the decoder, the one-token steps
+    as one call for the stack ("stack"), one per layer ("layers") or module by module ("modules")
+    -> (hidden states of every call, the slot's K and V cache)."""
     from qwen3vl.engine.kv_cache import KVCache, Scatter, Window
     from qwen3vl.model.text import AttnContext
 
     dec = model.model.language_model
-    for layer, step in zip(dec.layers, steps):
-        layer._step = step if fused else None
+    dec.enable_step_kernels()
+    if path != "stack":
+        dec._steps = None
+    if path == "modules":
+        for layer in dec.layers:
+            layer._step = None
     cfg = model.config.text
     slot = 1 if mode == "window" else 0
     g = torch.Generator().manual_seed(0)
@@ -489,27 +494,56 @@ def _decode_run(model, fused: bool, mode: str, steps):
 @needs_ext
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("mode", ["window", "scatter"])
-def test_decode_layer_is_bit_identical_to_the_module_path(tiny_ckpt, quant, mode, monkeypatch):
-    """Batch-1 decode runs each dense layer as one compiled call (kernels.decode_layer) in every
-    weight format: same kernels, same order, so hidden states and the KV cache match the
-    layer-by-layer path bit for bit (cache slot 1 through a Window, slot 0 through a Scatter)."""
+def test_decode_layers_are_bit_identical_to_the_module_path(tiny_ckpt, quant, mode, monkeypatch):
+    """Batch-1 decode runs the dense layers in one compiled call (kernels.decode_layers) in every
+    weight format, for the whole stack or (in a model mixing in MoE layers) per layer: same
+    kernels, same order, so hidden states and the KV cache match the module path bit for bit
+    (cache slot 1 through a Window, slot 0 through a Scatter)."""
     import qwen3vl
 
     model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization=quant, group_size=32)
-    steps = [layer._step for layer in model.model.language_model.layers]
-    assert all(s is not None for s in steps)
+    layers = model.model.language_model.layers
+    assert model.model.language_model._steps is not None and all(layer._step is not None for layer in layers)
+    slot = 1 if mode == "window" else 0
     calls = []
-    real = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(a[8]) or real(*a))
-    fused = _decode_run(model, True, mode, steps)
-    assert calls == [5] * 4 + [6] * 4 + [7] * 4  # only the one-token calls, at their cache index
-    calls.clear()
-    plain = _decode_run(model, False, mode, steps)
-    assert calls == []
-    for a, b in zip(fused[0], plain[0]):
-        assert torch.equal(a, b)
-    assert torch.equal(fused[1], plain[1]) and torch.equal(fused[2], plain[2])
-    assert fused[1][:, :, 7].abs().sum() > 0  # the last step's keys were written
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append((a[5], a[6], a[8][::5])) or real(*a))
+    runs = {}
+    for path, expected in (("stack", [[0, 1, 2, 3]]), ("layers", [[0], [1], [2], [3]]), ("modules", [])):
+        calls.clear()
+        runs[path] = _decode_run(model, path, mode)
+        # only the one-token calls, at their slot and cache index, through every layer once
+        assert calls == [(slot, pos, lay) for pos in (5, 6, 7) for lay in expected]
+    for path in ("stack", "layers"):
+        for a, b in zip(runs[path][0], runs["modules"][0]):
+            assert torch.equal(a, b)
+        assert torch.equal(runs[path][1], runs["modules"][1]) and torch.equal(runs[path][2], runs["modules"][2])
+    assert runs["stack"][1][:, :, 7].abs().sum() > 0  # the last step's keys were written
+
+
+@needs_ext
+def test_decode_layers_reject_bad_arguments(tiny_ckpt):
+    import qwen3vl
+
+    model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    tensors, layout, group = model.model.language_model._steps
+    cfg = model.config.text
+    k = torch.zeros(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 8, cfg.head_dim, dtype=torch.bfloat16)
+    x = torch.zeros(1, 1, cfg.hidden_size, dtype=torch.bfloat16)
+    cos = torch.ones(1, 1, 1, cfg.head_dim, dtype=torch.bfloat16)
+
+    def call(**kw):
+        args = dict(x=x, cos=cos, rot_sin=cos, k_cache=k, v_cache=k.clone(), slot=0, pos=3, weights=tensors,
+                    layout=layout, eps=1e-6, group_size=group)
+        args.update(kw)
+        return kernels.decode_layers(*args.values())
+
+    assert call().shape == x.shape
+    for kw, msg in ((dict(pos=8), "slot and pos"), (dict(slot=1), "slot and pos"), (dict(layout=layout[:-1]), "5 numbers"),
+                    (dict(weights=tensors[:-1]), "fewer weights"), (dict(weights=tensors + tensors[:1]), "more weights"),
+                    (dict(x=x.float()), "bfloat16"), (dict(layout=[9] + layout[1:]), "layer index")):
+        with pytest.raises(RuntimeError, match=msg):
+            call(**kw)
 
 
 @needs_ext
@@ -532,6 +566,7 @@ def test_decode_layer_only_where_it_applies(tiny_ckpt):
     assert Scatter(cache, torch.tensor([3]), 4).one_token is None
     assert qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).model.language_model.layers[0]._step is None  # fp32
     model.float()
-    assert all(layer._step is None for layer in model.model.language_model.layers)
+    dec = model.model.language_model
+    assert dec._steps is None and all(layer._step is None for layer in dec.layers)
     ids = torch.tensor([[1, 2, 3]])
     assert model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 5)

@@ -287,7 +287,7 @@ def test_bf16_multi_expert_decode_matches_per_expert_path(quant_moe_ckpt):
 
 def test_dense_layers_of_a_moe_model_take_the_one_call_decode_step(quant_moe_ckpt):
     """In bf16 on CPU the dense layer runs batch-1 decode as one compiled call, the MoE layers
-    keep the module path; greedy tokens are the same with the step on or off."""
+    keep the module path (so no one-call stack); greedy tokens are the same with the step on or off."""
     from qwen3vl import kernels
     from qwen3vl.model.text import MLP
 
@@ -295,6 +295,7 @@ def test_dense_layers_of_a_moe_model_take_the_one_call_decode_step(quant_moe_ckp
     layers = model.model.language_model.layers
     steps = [layer._step for layer in layers]
     assert [s is not None for s in steps] == [isinstance(layer.mlp, MLP) and kernels.available() for layer in layers]
+    assert model.model.language_model._steps is None
     ids = torch.tensor([[5, 9, 2, 7]])
     fused = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     for layer in layers:

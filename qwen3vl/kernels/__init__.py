@@ -1,6 +1,6 @@
 """AVX-512 kernels for CPU decode and prefill, compiled on first use (gemv.cpp: matrix-vector
 products, dequantization, decode attention; pointwise.cpp: norms, rotary embeddings, activations;
-layer.cpp: a whole dense decoder layer for one decode token, from the other two).
+layer.cpp: dense decoder layers for one decode token in one call, from the other two).
 
 Decode multiplies a few activation rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; these kernels read each weight once for all rows and stream int8/int4
@@ -226,18 +226,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def decode_layer(x: torch.Tensor, in_norm: torch.Tensor, qkv: list[torch.Tensor], qk_norm: torch.Tensor,
-                 cos: torch.Tensor, rot_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                 o: list[torch.Tensor], post_norm: torch.Tensor, gate_up: list[torch.Tensor],
-                 down: list[torch.Tensor], eps: float, group_size: int) -> torch.Tensor:
-    """One dense decoder layer for one token, x (1, 1, H) bf16 -> (1, 1, H), in one call (layer.cpp):
+def decode_layers(x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot: int, pos: int, weights: list[torch.Tensor], layout: list[int],
+                  eps: float, group_size: int) -> torch.Tensor:
+    """Dense decoder layers for one token, x (1, 1, H) bf16 -> (1, 1, H), in one call (layer.cpp):
     the kernels above in the order ``DecoderLayer.forward`` calls them, so bit-identical to it.
-    Its key and value go to index ``pos`` of k_cache / v_cache ((1, Hkv, S, D) views of one
-    cache slot) and it attends to [0, pos]; qk_norm is (H + Hkv, D) (``Attention._qk_norm_weight``);
-    each projection is [weight] (bf16), [qweight, scales] (int8) or [qweight, scales, zeros] (int4,
-    ``group_size``). Needs the extension (the layer's own forward is the fallback)."""
-    return torch.ops.qwen3vl_kernels.decode_layer(x, in_norm, qkv, qk_norm, cos, rot_sin, k_cache, v_cache, pos, o,
-                                                  post_norm, gate_up, down, eps, group_size)
+    Per layer, ``layout`` holds (cache layer index, number of tensors of q/k/v, o, gate/up, down)
+    and ``weights`` its input norm, q_norm, k_norm and post-attention norm weights, then the
+    projections: [weight] (bf16), [qweight, scales] (int8) or [qweight, scales, zeros] (int4,
+    ``group_size``). The token's key and value go to cache slot ``slot``, index ``pos``, of
+    k_cache / v_cache (layers, slots, Hkv, S, D), and it attends to [0, pos]. Needs the extension
+    (the layers' own forward is the fallback)."""
+    return torch.ops.qwen3vl_kernels.decode_layers(x, cos, rot_sin, k_cache, v_cache, slot, pos, weights, layout, eps,
+                                                   group_size)
 
 
 def int8_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

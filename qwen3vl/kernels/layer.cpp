@@ -1,6 +1,6 @@
-// One dense decoder layer for one new token in one call (batch-1 decode on CPU), built from the
-// other kernels of torch.ops.qwen3vl_kernels (looked up in the dispatcher) plus the cache write
-// and the residual adds. The layer-by-layer Python path issues ~40 small ops per layer; after each
+// Dense decoder layers for one new token in one call (batch-1 decode on CPU), built from the
+// other kernels of torch.ops.qwen3vl_kernels (looked up in the dispatcher) plus the cache writes
+// and the residual adds. The module path issues ~40 small ops per layer from Python; after each
 // weight matrix has streamed through the caches their interpreter and dispatcher state is cold,
 // and re-fetching it costs ~0.3 ms per layer, ~7 % of a 2B bf16 step. Same kernels, same
 // arithmetic, same rounding as that path, so the results are bit-identical to it.
@@ -32,7 +32,7 @@ Tensor linear(const Tensor& x, at::TensorList w, int64_t group_size) {
     case 2: return int8.call(x, w[0], w[1]);
     case 3: return int4.call(x, w[0], w[1], w[2], group_size);
   }
-  TORCH_CHECK(false, "decode_layer: a weight is [weight], [qweight, scales] or [qweight, scales, zeros]");
+  TORCH_CHECK(false, "decode_layers: a weight is [weight], [qweight, scales] or [qweight, scales, zeros]");
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
@@ -40,49 +40,82 @@ Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
   return op.call(x, w, eps);
 }
 
-// x (1, 1, H) bf16 -> the layer's output (1, 1, H). The new token's key and value are written at
-// cache index `pos` of k_cache / v_cache ((1, Hkv, S, D) views of one slot) and it attends to
-// indices [0, pos]. qk_norm is (H + Hkv, D): q_norm's weight per query head, then k_norm's.
-Tensor decode_layer(const Tensor& x, const Tensor& in_norm, at::TensorList qkv_w, const Tensor& qk_norm,
-                    const Tensor& cos, const Tensor& rot_sin, const Tensor& k_cache, const Tensor& v_cache,
-                    int64_t pos, at::TensorList o_w, const Tensor& post_norm, at::TensorList gate_up_w,
-                    at::TensorList down_w, double eps, int64_t group_size) {
+// One layer's tensors: in_norm, q_norm, k_norm, post_norm, then the q/k/v, o, gate/up and down
+// projections' tensors (counts given separately).
+struct Layer {
+  const Tensor *in_norm, *q_norm, *k_norm, *post_norm;
+  at::TensorList qkv, o, gate_up, down;
+};
+
+// One layer on x (1, H) bf16 -> (1, H). The new token's key and value are written at cache index
+// `pos` of k_cache / v_cache ((Hkv, S, D): the layer's slot) and it attends to [0, pos].
+Tensor layer_step(const Tensor& x, const Tensor& cos, const Tensor& rot_sin, const Tensor& k_cache,
+                  const Tensor& v_cache, int64_t pos, const Layer& w, double eps, int64_t group_size) {
   static auto norm_rope = find<Tensor(const Tensor&, const Tensor&, double, const Tensor&, const Tensor&)>(
       "qwen3vl_kernels::rms_norm_rope_bf16");
   static auto attention = find<Tensor(const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                                       double)>("qwen3vl_kernels::decode_attention");
   static auto silu_mul = find<Tensor(const Tensor&)>("qwen3vl_kernels::silu_mul_bf16");
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16,
-              "decode_layer: x must be (1, 1, H) bfloat16");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(0) == 1 &&
-              k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
-              k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "decode_layer: k_cache / v_cache must be (1, Hkv, S, D) bfloat16 with contiguous D");
-  const int64_t H = x.size(2), Hkv = k_cache.size(1), D = k_cache.size(3), Hqk = qk_norm.size(0), Hq = Hqk - Hkv;
-  TORCH_CHECK(qk_norm.dim() == 2 && qk_norm.size(1) == D && Hq > 0 && 0 <= pos && pos < k_cache.size(2),
-              "decode_layer: qk_norm must be (H + Hkv, D) and 0 <= pos < S");
-  const Tensor x2 = x.view({1, H});
-  const Tensor qkv = linear(rms_norm(x2, in_norm, eps), qkv_w, group_size).view({1, 1, Hqk + Hkv, D});
-  const Tensor qk = norm_rope.call(qkv.narrow(2, 0, Hqk), qk_norm, eps, cos, rot_sin);  // (1, 1, Hq + Hkv, D)
+  const int64_t Hkv = k_cache.size(0), D = k_cache.size(2);
+  const Tensor qkv = linear(rms_norm(x, *w.in_norm, eps), w.qkv, group_size);  // (1, (Hq + 2 Hkv) D)
+  const int64_t Hq = qkv.size(1) / D - 2 * Hkv;
+  TORCH_CHECK(qkv.size(1) == (Hq + 2 * Hkv) * D && Hq > 0 && w.q_norm->numel() == D && w.k_norm->numel() == D,
+              "decode_layers: q/k/v projection and norms do not match the cache's heads");
+  // q and k normalised and rotated in one pass, with per-head weights (Hq + Hkv, D).
+  const Tensor qk_norm = at::cat({w.q_norm->view({1, D}).expand({Hq, D}), w.k_norm->view({1, D}).expand({Hkv, D})});
+  const Tensor qk = norm_rope.call(qkv.view({1, 1, Hq + 2 * Hkv, D}).narrow(2, 0, Hq + Hkv), qk_norm, eps, cos,
+                                   rot_sin);  // (1, 1, Hq + Hkv, D)
   const at::BFloat16* kn = qk.data_ptr<at::BFloat16>() + Hq * D;
-  const at::BFloat16* vn = qkv.data_ptr<at::BFloat16>() + Hqk * D;
+  const at::BFloat16* vn = qkv.data_ptr<at::BFloat16>() + (Hq + Hkv) * D;
   for (int64_t h = 0; h < Hkv; ++h) {
-    std::memcpy(k_cache.data_ptr<at::BFloat16>() + h * k_cache.stride(1) + pos * k_cache.stride(2), kn + h * D, D * 2);
-    std::memcpy(v_cache.data_ptr<at::BFloat16>() + h * v_cache.stride(1) + pos * v_cache.stride(2), vn + h * D, D * 2);
+    std::memcpy(k_cache.data_ptr<at::BFloat16>() + h * k_cache.stride(0) + pos * k_cache.stride(1), kn + h * D, D * 2);
+    std::memcpy(v_cache.data_ptr<at::BFloat16>() + h * v_cache.stride(0) + pos * v_cache.stride(1), vn + h * D, D * 2);
   }
-  const Tensor q = qk.narrow(2, 0, Hq).transpose(1, 2);  // (1, Hq, 1, D)
-  const Tensor o = attention.call(q, k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1), c10::nullopt,
+  const Tensor o = attention.call(qk.narrow(2, 0, Hq).transpose(1, 2), k_cache.narrow(1, 0, pos + 1).unsqueeze(0),
+                                  v_cache.narrow(1, 0, pos + 1).unsqueeze(0), c10::nullopt,
                                   std::pow(static_cast<double>(D), -0.5));  // (1, Hq, 1, D) view of (1, 1, Hq, D)
-  const Tensor h1 = at::add(x2, linear(o.transpose(1, 2).reshape({1, Hq * D}), o_w, group_size));  // (1, H)
-  const Tensor mlp = linear(silu_mul.call(linear(rms_norm(h1, post_norm, eps), gate_up_w, group_size)), down_w,
+  const Tensor h1 = at::add(x, linear(o.transpose(1, 2).reshape({1, Hq * D}), w.o, group_size));  // (1, H)
+  const Tensor mlp = linear(silu_mul.call(linear(rms_norm(h1, *w.post_norm, eps), w.gate_up, group_size)), w.down,
                             group_size);
-  return at::add(h1, mlp).view({1, 1, H});
+  return at::add(h1, mlp);
+}
+
+// x (1, 1, H) bf16 through the layers in `layout` -> (1, 1, H). Per layer, layout holds
+// (cache layer index, tensors of q/k/v, of o, of gate/up, of down) and `weights` its
+// norms then projections (see Layer); the token goes to cache slot `slot`, index `pos`, of
+// k_cache / v_cache (layers, slots, Hkv, S, D).
+Tensor decode_layers(const Tensor& x, const Tensor& cos, const Tensor& rot_sin, const Tensor& k_cache,
+                     const Tensor& v_cache, int64_t slot, int64_t pos, at::TensorList weights, at::IntArrayRef layout,
+                     double eps, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16,
+              "decode_layers: x must be (1, 1, H) bfloat16");
+  TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && k_cache.scalar_type() == at::kBFloat16 &&
+              v_cache.scalar_type() == at::kBFloat16 && k_cache.stride(4) == 1 && v_cache.stride(4) == 1 &&
+              0 <= slot && slot < k_cache.size(1) && 0 <= pos && pos < k_cache.size(3),
+              "decode_layers: caches must be (layers, slots, Hkv, S, D) bfloat16, slot and pos inside them");
+  TORCH_CHECK(layout.size() % 5 == 0, "decode_layers: layout holds 5 numbers per layer");
+  Tensor h = x.view({1, x.size(2)});
+  size_t t = 0;
+  for (size_t i = 0; i < layout.size(); i += 5) {
+    const int64_t layer = layout[i];
+    TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "decode_layers: layer index outside the cache");
+    size_t need = 4;
+    for (int j = 1; j < 5; ++j) need += layout[i + j];
+    TORCH_CHECK(t + need <= weights.size(), "decode_layers: fewer weights than the layout lists");
+    const Layer w{&weights[t], &weights[t + 1], &weights[t + 2], &weights[t + 3],
+                  weights.slice(t + 4, layout[i + 1]), weights.slice(t + 4 + layout[i + 1], layout[i + 2]),
+                  weights.slice(t + 4 + layout[i + 1] + layout[i + 2], layout[i + 3]),
+                  weights.slice(t + 4 + layout[i + 1] + layout[i + 2] + layout[i + 3], layout[i + 4])};
+    t += need;
+    h = layer_step(h, cos, rot_sin, k_cache[layer][slot], v_cache[layer][slot], pos, w, eps, group_size);
+  }
+  TORCH_CHECK(t == weights.size(), "decode_layers: more weights than the layout lists");
+  return h.view({1, 1, h.size(1)});
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qwen3vl_kernels, m) {
-  m.def("decode_layer(Tensor x, Tensor in_norm, Tensor[] qkv, Tensor qk_norm, Tensor cos, Tensor rot_sin, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, Tensor[] o, Tensor post_norm, Tensor[] gate_up, "
-        "Tensor[] down, float eps, int group_size) -> Tensor", &decode_layer);
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor rot_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int slot, "
+        "int pos, Tensor[] weights, int[] layout, float eps, int group_size) -> Tensor", &decode_layers);
 }

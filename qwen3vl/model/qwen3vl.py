@@ -146,8 +146,7 @@ class Qwen3VL(nn.Module):
                 m.multi_kernels = True
             for m in steps + vision:
                 m.cpu_kernels = True
-            for layer in self.model.language_model.layers:
-                layer.enable_step_kernel()  # batch-1 decode: a dense layer in one call
+            self.model.language_model.enable_step_kernels()  # batch-1 decode: dense layers in one call
 
     @torch.no_grad()
     def init_random(self, std: float = 0.02, seed: int = 0) -> None:

@@ -62,7 +62,7 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def kernel_weights(self) -> list[torch.Tensor] | None:
-        """The weight as ``kernels.decode_layer`` takes it, or None when the layer does not run on
+        """The weight as ``kernels.decode_layers`` takes it, or None when the layer does not run on
         the compiled kernels."""
         return [self.weight] if self.use_kernels and self.bias is None else None
 
@@ -268,21 +268,21 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # (qkv, o, gate_up, down weight lists, int4 group size) for the one-call decode step; set at
-        # load (enable_step_kernel), dropped when the weights move (_apply).
+        # (tensors, layout, int4 group size) of kernels.decode_layers for this layer: set at load
+        # (enable_step_kernel), dropped when the weights move (_apply).
         self._step: tuple | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         if self._step is not None and x.shape[0] == 1 and x.shape[1] == 1:
             slot = getattr(ctx.cache, "one_token", None)
             if slot is not None:
-                return self._decode_step(x, ctx, *slot)
+                return _decode_step(x, ctx, slot, self._step, self.input_layernorm.eps)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def enable_step_kernel(self) -> bool:
-        """Let batch-1 decode run this layer as one compiled call (``kernels.decode_layer``: the
-        same kernels in the same order, bit-identical) when every part of it already runs on the
+        """Let batch-1 decode run this layer in the compiled one-call step (``kernels.decode_layers``:
+        the same kernels in the same order, bit-identical) when every part of it already runs on the
         compiled CPU kernels: a dense MLP, bf16 activations, bf16 or quantized projections."""
         a, m = self.self_attn, self.mlp
         self._step = None
@@ -292,22 +292,23 @@ class DecoderLayer(nn.Module):
         weights = [lin.kernel_weights() for lin in linears]
         if any(w is None for w in weights):
             return False
+        norms = [self.input_layernorm.weight, a.q_norm.weight, a.k_norm.weight, self.post_attention_layernorm.weight]
         group = max(getattr(lin, "group_size", 0) for lin in linears)
-        self._step = (*weights, group)
+        self._step = (norms + [t for w in weights for t in w], [a.layer] + [len(w) for w in weights], group)
         return True
 
     def _apply(self, fn, *args, **kwargs):
         self._step = None  # moved or converted weights: back to the module path
         return super()._apply(fn, *args, **kwargs)
 
-    def _decode_step(self, x: torch.Tensor, ctx: AttnContext, slot: int, pos: int) -> torch.Tensor:
-        """x (1, 1, H): one token of the sequence in cache slot ``slot``, written at index ``pos``."""
-        qkv, o, gate_up, down, group = self._step
-        a, cache = self.self_attn, ctx.cache.cache
-        return kernels.decode_layer(x, self.input_layernorm.weight, qkv, a._qk_norm_weight(), ctx.cos_heads,
-                                    ctx.rot_sin_heads, cache.k[a.layer, slot : slot + 1],
-                                    cache.v[a.layer, slot : slot + 1], pos, o, self.post_attention_layernorm.weight,
-                                    gate_up, down, self.input_layernorm.eps, group)
+
+def _decode_step(x: torch.Tensor, ctx: AttnContext, slot: tuple[int, int], step: tuple, eps: float) -> torch.Tensor:
+    """x (1, 1, H): one token of the sequence in cache slot ``slot[0]``, written at index
+    ``slot[1]``, through the layers of ``step`` (tensors, layout, group size) in one call."""
+    tensors, layout, group = step
+    cache = ctx.cache.cache
+    return kernels.decode_layers(x, ctx.cos_heads, ctx.rot_sin_heads, cache.k, cache.v, slot[0], slot[1], tensors,
+                                 layout, eps, group)
 
 
 class TextDecoder(nn.Module):
@@ -318,11 +319,29 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+        self._steps: tuple | None = None  # every layer's decode step in one call (enable_step_kernels)
+
+    def enable_step_kernels(self) -> None:
+        """Batch-1 decode: each dense layer on the compiled kernels in one call, and the whole stack
+        in one call when every layer qualifies (``DecoderLayer.enable_step_kernel``)."""
+        steps = [layer.enable_step_kernel() and layer._step for layer in self.layers]
+        self._steps = None
+        if all(steps):
+            self._steps = ([t for s in steps for t in s[0]], [n for s in steps for n in s[1]], steps[0][2])
+
+    def _apply(self, fn, *args, **kwargs):
+        self._steps = None
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, h: torch.Tensor, ctx: AttnContext, visual_mask=None, deepstack=()) -> torch.Tensor:
         """h: (B, T, H) input embeddings -> (B, T, H) final-normed hidden states.
 
         visual_mask: (B, T) bool, where the deepstack features (each (n_visual, H)) are added.
         """
+        if self._steps is not None and h.shape[0] == 1 and h.shape[1] == 1 and not deepstack:
+            slot = getattr(ctx.cache, "one_token", None)
+            if slot is not None:
+                return self.norm(_decode_step(h, ctx, slot, self._steps, self.norm.eps))
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx)
             if i < len(deepstack):
