@@ -541,7 +541,8 @@ def test_decode_layers_reject_bad_arguments(tiny_ckpt):
     assert call().shape == x.shape
     for kw, msg in ((dict(pos=8), "slot and pos"), (dict(slot=1), "slot and pos"), (dict(layout=layout[:-1]), "5 numbers"),
                     (dict(weights=tensors[:-1]), "fewer weights"), (dict(weights=tensors + tensors[:1]), "more weights"),
-                    (dict(x=x.float()), "bfloat16"), (dict(layout=[9] + layout[1:]), "layer index")):
+                    (dict(x=x.float()), "bfloat16"), (dict(layout=[9] + layout[1:]), "layer index"),
+                    (dict(layout=[0, 0] + layout[2:]), "1, 2 or 3 tensors")):
         with pytest.raises(RuntimeError, match=msg):
             call(**kw)
 

@@ -53,7 +53,7 @@ class Window:
         plain = not padded and (start == 0 or t == 1)
         self.mask = None if plain else self._causal(valid[:, : self.end])
         # (slot, cache index) when one row writes one token and attends to everything before it:
-        # what the one-call decode step handles (DecoderLayer._decode_step).
+        # what the one-call decode step handles (qwen3vl.model.text._decode_step).
         self.one_token = (slots[0], start) if len(slots) == 1 and t == 1 and self.mask is None else None
 
     def _causal(self, valid: torch.Tensor) -> torch.Tensor:

@@ -325,9 +325,9 @@ at::Tensor int8_gemv(const at::Tensor& x_, const at::Tensor& qweight, const at::
     return Int8Args{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), xq.q.data() + r0 * Kp,
                     xq.scale.data() + r0, y.data() + r0 * N, N, K, Kp};
   };
-  bool amx = true;
-  for (int64_t r0 = 0; r0 < M && amx; r0 += kMaxRows) amx = int8_gemv_amx(args(r0), std::min<int64_t>(kMaxRows, M - r0));
-  if (amx) return epilogue(y, x, N, false);
+  bool tiles = true;
+  for (int64_t r0 = 0; r0 < M && tiles; r0 += kMaxRows) tiles = int8_gemv_amx(args(r0), std::min<int64_t>(kMaxRows, M - r0));
+  if (tiles) return epilogue(y, x, N, false);
   parallel_rows(M, N, [&](int64_t lo, int64_t hi, int64_t r0, int64_t mb) {
     const Int8Args a = args(r0);
     DISPATCH_ROWS(mb, int8_rows, a, lo, hi);

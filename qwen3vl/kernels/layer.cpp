@@ -100,7 +100,10 @@ Tensor decode_layers(const Tensor& x, const Tensor& cos, const Tensor& rot_sin, 
     const int64_t layer = layout[i];
     TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "decode_layers: layer index outside the cache");
     size_t need = 4;
-    for (int j = 1; j < 5; ++j) need += layout[i + j];
+    for (int j = 1; j < 5; ++j) {
+      TORCH_CHECK(1 <= layout[i + j] && layout[i + j] <= 3, "decode_layers: a projection has 1, 2 or 3 tensors");
+      need += layout[i + j];
+    }
     TORCH_CHECK(t + need <= weights.size(), "decode_layers: fewer weights than the layout lists");
     const Layer w{&weights[t], &weights[t + 1], &weights[t + 2], &weights[t + 3],
                   weights.slice(t + 4, layout[i + 1]), weights.slice(t + 4 + layout[i + 1], layout[i + 2]),

@@ -318,15 +318,15 @@ class TextDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
         self._steps: tuple | None = None  # every layer's decode step in one call (enable_step_kernels)
 
     def enable_step_kernels(self) -> None:
         """Batch-1 decode: each dense layer on the compiled kernels in one call, and the whole stack
         in one call when every layer qualifies (``DecoderLayer.enable_step_kernel``)."""
-        steps = [layer.enable_step_kernel() and layer._step for layer in self.layers]
+        enabled = [layer.enable_step_kernel() for layer in self.layers]
         self._steps = None
-        if all(steps):
+        if all(enabled):
+            steps = [layer._step for layer in self.layers]
             self._steps = ([t for s in steps for t in s[0]], [n for s in steps for n in s[1]], steps[0][2])
 
     def _apply(self, fn, *args, **kwargs):
