@@ -716,12 +716,14 @@ struct Int8Tiles {
 
 Int8Tiles int8_tiles(const Int8Args& a, int64_t M) {
   Int8Tiles t{std::vector<uint8_t>(a.K * M), std::vector<uint8_t>(a.K * M)};
+  // 32 activations at a time: their high and low bytes, then the 8 k-quads of each to their rows.
+  const __m256i quads = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)M));
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int16_t v = a.x[m * a.Kp + k];
-      const int64_t at = (k / 4 * M + m) * 4 + k % 4;
-      t.hi[at] = static_cast<uint8_t>(static_cast<int8_t>(v >> 8));
-      t.lo[at] = static_cast<uint8_t>(v & 0xFF);
+    for (int64_t k = 0; k < a.K; k += 32) {  // K % 64 == 0
+      const __m512i v = _mm512_loadu_si512(a.x + m * a.Kp + k);
+      const __m256i idx = _mm256_add_epi32(quads, _mm256_set1_epi32((int)(k / 4 * M + m)));
+      _mm256_i32scatter_epi32(t.hi.data(), idx, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)), 4);
+      _mm256_i32scatter_epi32(t.lo.data(), idx, _mm512_cvtepi16_epi8(v), 4);
     }
   return t;
 }
