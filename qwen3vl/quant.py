@@ -172,6 +172,10 @@ class QuantLinear(_Quantized):
         y = self._matmul((), x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
+    def kernel_rows(self) -> int:
+        """Most activation rows ``forward`` gives the compiled kernels."""
+        return DECODE_ROWS
+
     def kernel_weights(self) -> list[torch.Tensor] | None:
         """The tensors ``kernels.decode_layers`` reads for this format, or None without the
         compiled kernels."""

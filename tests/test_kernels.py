@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qwen3vl import kernels
+from qwen3vl.engine.kv_cache import KVCache, Scatter, Window
 from qwen3vl.quant import QuantLinear
 
 needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"no compiled kernels: {kernels.unavailable_reason()}")
@@ -400,12 +401,16 @@ def test_silu_mul_matches_the_separate_ops():
 
 @needs_ext
 def test_bf16_model_decode_uses_the_fused_kernels(tiny_ckpt, monkeypatch):
-    """A bf16 CPU model routes decode steps through the fused kernels and generates the same tokens
-    as with them switched off; fp32 models never use them."""
+    """A bf16 CPU model routes the modules' decode steps through the fused kernels and generates
+    the same tokens as with them switched off; fp32 models never use them. (The one-call step,
+    which calls the same kernels from C++, is switched off here: tested below.)"""
     import qwen3vl
     from qwen3vl.model.text import MLP, Attention
 
     model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    model.model.language_model._steps = None
+    for layer in model.model.language_model.layers:
+        layer._step = None
     steps = [m for m in model.modules() if isinstance(m, (Attention, MLP))]
     assert steps and all(m.cpu_kernels for m in steps)
     assert not any(m.cpu_kernels for m in qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).modules()
@@ -459,11 +464,21 @@ def test_vision_encoder_uses_the_pointwise_kernels(tiny_ckpt, monkeypatch, dtype
             assert rel(a.float(), b.float()) < 2e-2
 
 
-def _decode_run(model, path: str, mode: str):
-    """Prefill 5 random embeddings then 3 one-token steps through the decoder, the one-token steps
-    as one call for the stack ("stack"), one per layer ("layers") or module by module ("modules")
-    -> (hidden states of every call, the slot's K and V cache)."""
-    from qwen3vl.engine.kv_cache import KVCache, Scatter, Window
+# Decode scenarios for the one-call step: (prefills as (slot, length, padded prefix), then per step
+# the cache window): one sequence through a Window (slot 1) or a Scatter (slot 0), two sequences
+# in lock-step with a padded row (masked), two sequences at different lengths through a Scatter.
+DECODE_CASES = {
+    "window": ([(1, 5, 0)], lambda cache, i: Window(cache, slice(1, 2), 5 + i, None, 1)),
+    "scatter": ([(0, 5, 0)], lambda cache, i: Scatter(cache, torch.tensor([5 + i]), 6 + i)),
+    "window2": ([(0, 5, 0), (1, 5, 2)], lambda cache, i: Window(cache, slice(0, 2), 5 + i, None, 1)),
+    "scatter2": ([(0, 5, 0), (1, 3, 0)], lambda cache, i: Scatter(cache, torch.tensor([5 + i, 3 + i]), 6 + i)),
+}
+
+
+def _decode_run(model, path: str, case: str):
+    """Prefill random embeddings, then 3 one-token steps through the decoder, the steps as one call
+    for the stack ("stack"), one per layer ("layers") or module by module ("modules") -> (hidden
+    states of every call, the K and V cache)."""
     from qwen3vl.model.text import AttnContext
 
     dec = model.model.language_model
@@ -474,51 +489,58 @@ def _decode_run(model, path: str, mode: str):
         for layer in dec.layers:
             layer._step = None
     cfg = model.config.text
-    slot = 1 if mode == "window" else 0
+    prefills, window = DECODE_CASES[case]
     g = torch.Generator().manual_seed(0)
     cache = KVCache(cfg, 2, 16, torch.bfloat16, "cpu")
     outs = []
     with torch.inference_mode():
-        for start, t in ((0, 5), (5, 1), (6, 1), (7, 1)):
+        for slot, t, pad in prefills:
             x = torch.randn(1, t, cfg.hidden_size, generator=g).bfloat16()
-            pos = torch.arange(start, start + t)[None, None].expand(3, 1, t)
-            cos, sin = model.rope(pos, torch.bfloat16)
-            if mode == "scatter" and t == 1:
-                win = Scatter(cache, torch.tensor([start]), start + 1)
-            else:
-                win = Window(cache, slice(slot, slot + 1), start, None, t)
+            cos, sin = model.rope(torch.arange(t)[None, None].expand(3, 1, t), torch.bfloat16)
+            valid = (torch.arange(t) >= pad)[None] if pad else None
+            win = Window(cache, slice(slot, slot + 1), 0, valid, t)
             outs.append(dec(x, AttnContext(cos, sin, win.mask, win)))
-    return outs, cache.k[:, slot].clone(), cache.v[:, slot].clone()
+        for i in range(3):
+            b = len(prefills)
+            x = torch.randn(b, 1, cfg.hidden_size, generator=g).bfloat16()
+            pos = torch.tensor([t + i for _, t, _ in prefills]).view(1, b, 1).expand(3, b, 1)
+            cos, sin = model.rope(pos, torch.bfloat16)
+            win = window(cache, i)
+            outs.append(dec(x, AttnContext(cos, sin, win.mask, win)))
+    return outs, cache.k.clone(), cache.v.clone()
 
 
 @needs_ext
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
-@pytest.mark.parametrize("mode", ["window", "scatter"])
-def test_decode_layers_are_bit_identical_to_the_module_path(tiny_ckpt, quant, mode, monkeypatch):
-    """Batch-1 decode runs the dense layers in one compiled call (kernels.decode_layers) in every
-    weight format, for the whole stack or (in a model mixing in MoE layers) per layer: same
-    kernels, same order, so hidden states and the KV cache match the module path bit for bit
-    (cache slot 1 through a Window, slot 0 through a Scatter)."""
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_layers_are_bit_identical_to_the_module_path(tiny_ckpt, quant, case, monkeypatch):
+    """Decode runs the dense layers in one compiled call (kernels.decode_layers) in every weight
+    format, for the whole stack or (in a model mixing in MoE layers) per layer, for one sequence
+    or several (lock-step with padding masks, or at different lengths): same kernels, same order,
+    so hidden states and the KV cache match the module path bit for bit."""
     import qwen3vl
 
     model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization=quant, group_size=32)
     layers = model.model.language_model.layers
     assert model.model.language_model._steps is not None and all(layer._step is not None for layer in layers)
-    slot = 1 if mode == "window" else 0
+    prefills = DECODE_CASES[case][0]
+    slot, lengths, masked = prefills[0][0], [t for _, t, _ in prefills], case != "window" and case != "scatter"
     calls = []
     real = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append((a[5], a[6], a[8][::5])) or real(*a))
+    monkeypatch.setattr(kernels, "decode_layers",
+                        lambda *a: calls.append((a[5], list(a[6]), a[7], a[8] is not None, a[10][::5])) or real(*a))
     runs = {}
     for path, expected in (("stack", [[0, 1, 2, 3]]), ("layers", [[0], [1], [2], [3]]), ("modules", [])):
         calls.clear()
-        runs[path] = _decode_run(model, path, mode)
-        # only the one-token calls, at their slot and cache index, through every layer once
-        assert calls == [(slot, pos, lay) for pos in (5, 6, 7) for lay in expected]
+        runs[path] = _decode_run(model, path, case)
+        # only the one-token calls, at their slots and cache indices, through every layer once
+        assert calls == [(slot, [t + i for t in lengths], max(lengths) + i + 1, masked, lay)
+                         for i in range(3) for lay in expected]
     for path in ("stack", "layers"):
         for a, b in zip(runs[path][0], runs["modules"][0]):
             assert torch.equal(a, b)
         assert torch.equal(runs[path][1], runs["modules"][1]) and torch.equal(runs[path][2], runs["modules"][2])
-    assert runs["stack"][1][:, :, 7].abs().sum() > 0  # the last step's keys were written
+    assert runs["stack"][1][:, slot, :, max(lengths) + 2].abs().sum() > 0  # the last step's keys were written
 
 
 @needs_ext
@@ -526,45 +548,58 @@ def test_decode_layers_reject_bad_arguments(tiny_ckpt):
     import qwen3vl
 
     model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
-    tensors, layout, group = model.model.language_model._steps
+    tensors, layout, group, _ = model.model.language_model._steps
     cfg = model.config.text
     k = torch.zeros(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 8, cfg.head_dim, dtype=torch.bfloat16)
     x = torch.zeros(1, 1, cfg.hidden_size, dtype=torch.bfloat16)
     cos = torch.ones(1, 1, 1, cfg.head_dim, dtype=torch.bfloat16)
 
     def call(**kw):
-        args = dict(x=x, cos=cos, rot_sin=cos, k_cache=k, v_cache=k.clone(), slot=0, pos=3, weights=tensors,
-                    layout=layout, eps=1e-6, group_size=group)
+        args = dict(x=x, cos=cos, rot_sin=cos, k_cache=k, v_cache=k.clone(), slot=0, pos=[3], end=4, mask=None,
+                    weights=tensors, layout=layout, eps=1e-6, group_size=group)
         args.update(kw)
         return kernels.decode_layers(*args.values())
 
     assert call().shape == x.shape
-    for kw, msg in ((dict(pos=8), "slot and pos"), (dict(slot=1), "slot and pos"), (dict(layout=layout[:-1]), "5 numbers"),
+    for kw, msg in ((dict(pos=[8], end=9), "inside them"), (dict(slot=1), "inside them"), (dict(pos=[4]), "pos < end"),
+                    (dict(pos=[1, 2]), "inside them"), (dict(layout=layout[:-1]), "5 numbers"),
                     (dict(weights=tensors[:-1]), "fewer weights"), (dict(weights=tensors + tensors[:1]), "more weights"),
                     (dict(x=x.float()), "bfloat16"), (dict(layout=[9] + layout[1:]), "layer index"),
-                    (dict(layout=[0, 0] + layout[2:]), "1, 2 or 3 tensors")):
+                    (dict(layout=[0, 0] + layout[2:]), "1, 2 or 3 tensors"),
+                    (dict(mask=torch.ones(1, 1, 1, 3, dtype=torch.bool)), "mask")):
         with pytest.raises(RuntimeError, match=msg):
             call(**kw)
 
 
 @needs_ext
 def test_decode_layer_only_where_it_applies(tiny_ckpt):
-    """The one-call step needs one row writing one token with no mask, dense layers and the
-    compiled kernels; moved or converted weights drop it (and still run)."""
+    """The one-call step takes one new token per row (no prefill), at most as many rows as every
+    projection gives the compiled kernels (bf16 with 64 inputs: 2), dense layers on the compiled
+    kernels; moved or converted weights drop it (and still run)."""
     import qwen3vl
-    from qwen3vl.engine.kv_cache import KVCache, Scatter, Window
+    from qwen3vl.model.text import AttnContext
 
     model = qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt, dtype="bfloat16")
     cfg = model.config.text
-    cache = KVCache(cfg, 2, 16, torch.bfloat16, "cpu")
-    assert Window(cache, slice(0, 1), 0, None, 4).one_token is None  # prefill
-    assert Window(cache, slice(0, 2), 4, None, 1).one_token is None  # two rows
-    assert Window(cache, slice(1, 2), 4, None, 1).one_token == (1, 4)
-    assert Scatter(cache, torch.tensor([4, 2]), 5).one_token is None
-    assert Scatter(cache, torch.tensor([4]), 5).one_token == (0, 4)
-    Window(cache, slice(0, 1), 0, torch.tensor([[False, True, True]]), 3)  # slot 0 now holds padding
-    assert Window(cache, slice(0, 1), 3, None, 1).one_token is None
-    assert Scatter(cache, torch.tensor([3]), 4).one_token is None
+    cache = KVCache(cfg, 3, 16, torch.bfloat16, "cpu")
+    assert Window(cache, slice(0, 1), 0, None, 4).decode_rows is None  # prefill
+    assert Window(cache, slice(1, 3), 4, None, 1).decode_rows == (1, [4, 4], 5)
+    assert Scatter(cache, torch.tensor([4, 2]), 5).decode_rows == (0, [4, 2], 5)
+    dec = model.model.language_model
+    assert dec._steps[3] == 2 and model.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization="int8"
+                                                        ).model.language_model._steps[3] == 8
+    calls = []
+    real = kernels.decode_layers
+    kernels.decode_layers = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.inference_mode():
+            for b in (2, 3):
+                win = Window(cache, slice(0, b), 4, None, 1)
+                cos, sin = model.rope(torch.full((3, b, 1), 4), torch.bfloat16)
+                dec(torch.randn(b, 1, cfg.hidden_size).bfloat16(), AttnContext(cos, sin, win.mask, win))
+    finally:
+        kernels.decode_layers = real
+    assert calls == [1]  # 2 rows in one call, 3 rows module by module
     assert qwen3vl.Qwen3VL.from_pretrained(tiny_ckpt).model.language_model.layers[0]._step is None  # fp32
     model.float()
     dec = model.model.language_model

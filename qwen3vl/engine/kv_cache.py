@@ -52,9 +52,9 @@ class Window:
         # No padding: plain causal attention (from the first token) or none (one new token) is exact.
         plain = not padded and (start == 0 or t == 1)
         self.mask = None if plain else self._causal(valid[:, : self.end])
-        # (slot, cache index) when one row writes one token and attends to everything before it:
-        # what the one-call decode step handles (qwen3vl.model.text._decode_step).
-        self.one_token = (slots[0], start) if len(slots) == 1 and t == 1 and self.mask is None else None
+        # One token per row: (first slot, each row's cache index, end) for the one-call decode step
+        # (qwen3vl.model.text._decode_step); the rows are consecutive slots.
+        self.decode_rows = (slots[0], [start] * len(slots), self.end) if t == 1 else None
 
     def _causal(self, valid: torch.Tensor) -> torch.Tensor:
         q = torch.arange(self.start, self.end, device=valid.device)[:, None]  # (T, 1) cache index
@@ -81,10 +81,10 @@ class Scatter:
         b = positions.shape[0]
         self.cache, self.pos, self.end, self.rows = cache, positions, end, torch.arange(b, device=positions.device)
         cache.valid[self.rows, positions] = True
-        self.one_token = None  # see Window
+        # See Window (the one-call step is a CPU path: no device sync for the host copy elsewhere).
+        self.decode_rows = (0, positions.tolist(), end) if positions.device.type == "cpu" else None
         if b == 1 and not cache.padded[0]:
             self.mask = None  # one sequence, no padding: attend to everything written
-            self.one_token = (0, end - 1)
             return
         k = torch.arange(end, device=positions.device)[None, :]  # (1, end)
         p = positions[:, None]  # (B, 1)

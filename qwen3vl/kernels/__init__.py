@@ -1,6 +1,6 @@
 """AVX-512 kernels for CPU decode and prefill, compiled on first use (gemv.cpp: matrix-vector
 products, dequantization, decode attention; pointwise.cpp: norms, rotary embeddings, activations;
-layer.cpp: dense decoder layers for one decode token in one call, from the other two).
+layer.cpp: dense decoder layers for one decode token per sequence in one call, from the other two).
 
 Decode multiplies a few activation rows by every weight matrix, so it is bound by how fast the
 weights stream from memory; these kernels read each weight once for all rows and stream int8/int4
@@ -227,18 +227,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot: int, pos: int, weights: list[torch.Tensor], layout: list[int],
-                  eps: float, group_size: int) -> torch.Tensor:
-    """Dense decoder layers for one token, x (1, 1, H) bf16 -> (1, 1, H), in one call (layer.cpp):
-    the kernels above in the order ``DecoderLayer.forward`` calls them, so bit-identical to it.
-    Per layer, ``layout`` holds (cache layer index, number of tensors of q/k/v, o, gate/up, down)
-    and ``weights`` its input norm, q_norm, k_norm and post-attention norm weights, then the
-    projections: [weight] (bf16), [qweight, scales] (int8) or [qweight, scales, zeros] (int4,
-    ``group_size``). The token's key and value go to cache slot ``slot``, index ``pos``, of
-    k_cache / v_cache (layers, slots, Hkv, S, D), and it attends to [0, pos]. Needs the extension
-    (the layers' own forward is the fallback)."""
-    return torch.ops.qwen3vl_kernels.decode_layers(x, cos, rot_sin, k_cache, v_cache, slot, pos, weights, layout, eps,
-                                                   group_size)
+                  v_cache: torch.Tensor, slot: int, pos: list[int], end: int, mask: torch.Tensor | None,
+                  weights: list[torch.Tensor], layout: list[int], eps: float, group_size: int) -> torch.Tensor:
+    """Dense decoder layers for one new token per row, x (B, 1, H) bf16 -> (B, 1, H), in one call
+    (layer.cpp): the kernels above in the order ``DecoderLayer.forward`` calls them, so
+    bit-identical to it. Per layer, ``layout`` holds (cache layer index, number of tensors of
+    q/k/v, o, gate/up, down) and ``weights`` its input norm, q_norm, k_norm and post-attention norm
+    weights, then the projections: [weight] (bf16), [qweight, scales] (int8) or [qweight, scales,
+    zeros] (int4, ``group_size``). Row b is cache slot ``slot + b`` of k_cache / v_cache (layers,
+    slots, Hkv, S, D): its key and value go to index ``pos[b]`` and it attends to [0, end) where
+    ``mask`` (B, 1, 1, end) bool allows (everywhere when None). Needs the extension (the layers'
+    own forward is the fallback)."""
+    return torch.ops.qwen3vl_kernels.decode_layers(x, cos, rot_sin, k_cache, v_cache, slot, pos, end, mask, weights,
+                                                   layout, eps, group_size)
 
 
 def int8_gemv_multi(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-// Dense decoder layers for one new token in one call (batch-1 decode on CPU), built from the
+// Dense decoder layers for one new token per sequence in one call (decode on CPU), built from the
 // other kernels of torch.ops.qwen3vl_kernels (looked up in the dispatcher) plus the cache writes
 // and the residual adds. The module path issues ~40 small ops per layer from Python; after each
 // weight matrix has streamed through the caches their interpreter and dispatcher state is cold,
@@ -47,54 +47,65 @@ struct Layer {
   at::TensorList qkv, o, gate_up, down;
 };
 
-// One layer on x (1, H) bf16 -> (1, H). The new token's key and value are written at cache index
-// `pos` of k_cache / v_cache ((Hkv, S, D): the layer's slot) and it attends to [0, pos].
+// One layer on x (B, H) bf16 -> (B, H), one new token per row. Row b's key and value are written
+// at cache index pos[b] of k_cache / v_cache ((B, Hkv, S, D): the rows' slots) and it attends to
+// the first `end` indices, where mask (B, 1, 1, end) allows (all of them without one).
 Tensor layer_step(const Tensor& x, const Tensor& cos, const Tensor& rot_sin, const Tensor& k_cache,
-                  const Tensor& v_cache, int64_t pos, const Layer& w, double eps, int64_t group_size) {
+                  const Tensor& v_cache, at::IntArrayRef pos, int64_t end, const c10::optional<Tensor>& mask,
+                  const Layer& w, double eps, int64_t group_size) {
   static auto norm_rope = find<Tensor(const Tensor&, const Tensor&, double, const Tensor&, const Tensor&)>(
       "qwen3vl_kernels::rms_norm_rope_bf16");
   static auto attention = find<Tensor(const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
                                       double)>("qwen3vl_kernels::decode_attention");
   static auto silu_mul = find<Tensor(const Tensor&)>("qwen3vl_kernels::silu_mul_bf16");
-  const int64_t Hkv = k_cache.size(0), D = k_cache.size(2);
-  const Tensor qkv = linear(rms_norm(x, *w.in_norm, eps), w.qkv, group_size);  // (1, (Hq + 2 Hkv) D)
+  const int64_t B = x.size(0), Hkv = k_cache.size(1), D = k_cache.size(3);
+  const Tensor qkv = linear(rms_norm(x, *w.in_norm, eps), w.qkv, group_size);  // (B, (Hq + 2 Hkv) D)
   const int64_t Hq = qkv.size(1) / D - 2 * Hkv;
   TORCH_CHECK(qkv.size(1) == (Hq + 2 * Hkv) * D && Hq > 0 && w.q_norm->numel() == D && w.k_norm->numel() == D,
               "decode_layers: q/k/v projection and norms do not match the cache's heads");
   // q and k normalised and rotated in one pass, with per-head weights (Hq + Hkv, D).
   const Tensor qk_norm = at::cat({w.q_norm->view({1, D}).expand({Hq, D}), w.k_norm->view({1, D}).expand({Hkv, D})});
-  const Tensor qk = norm_rope.call(qkv.view({1, 1, Hq + 2 * Hkv, D}).narrow(2, 0, Hq + Hkv), qk_norm, eps, cos,
-                                   rot_sin);  // (1, 1, Hq + Hkv, D)
-  const at::BFloat16* kn = qk.data_ptr<at::BFloat16>() + Hq * D;
-  const at::BFloat16* vn = qkv.data_ptr<at::BFloat16>() + (Hq + Hkv) * D;
-  for (int64_t h = 0; h < Hkv; ++h) {
-    std::memcpy(k_cache.data_ptr<at::BFloat16>() + h * k_cache.stride(0) + pos * k_cache.stride(1), kn + h * D, D * 2);
-    std::memcpy(v_cache.data_ptr<at::BFloat16>() + h * v_cache.stride(0) + pos * v_cache.stride(1), vn + h * D, D * 2);
+  const Tensor qkv4 = qkv.view({B, 1, Hq + 2 * Hkv, D});
+  const Tensor qk = norm_rope.call(qkv4.narrow(2, 0, Hq + Hkv), qk_norm, eps, cos, rot_sin);  // (B, 1, Hq + Hkv, D)
+  for (int64_t b = 0; b < B; ++b) {
+    const at::BFloat16* kn = qk.data_ptr<at::BFloat16>() + (b * (Hq + Hkv) + Hq) * D;
+    const at::BFloat16* vn = qkv.data_ptr<at::BFloat16>() + (b * (Hq + 2 * Hkv) + Hq + Hkv) * D;
+    at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + b * k_cache.stride(0) + pos[b] * k_cache.stride(2);
+    at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + b * v_cache.stride(0) + pos[b] * v_cache.stride(2);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::memcpy(kc + h * k_cache.stride(1), kn + h * D, D * 2);
+      std::memcpy(vc + h * v_cache.stride(1), vn + h * D, D * 2);
+    }
   }
-  const Tensor o = attention.call(qk.narrow(2, 0, Hq).transpose(1, 2), k_cache.narrow(1, 0, pos + 1).unsqueeze(0),
-                                  v_cache.narrow(1, 0, pos + 1).unsqueeze(0), c10::nullopt,
-                                  std::pow(static_cast<double>(D), -0.5));  // (1, Hq, 1, D) view of (1, 1, Hq, D)
-  const Tensor h1 = at::add(x, linear(o.transpose(1, 2).reshape({1, Hq * D}), w.o, group_size));  // (1, H)
+  const Tensor o = attention.call(qk.narrow(2, 0, Hq).transpose(1, 2), k_cache.narrow(2, 0, end),
+                                  v_cache.narrow(2, 0, end), mask,
+                                  std::pow(static_cast<double>(D), -0.5));  // (B, Hq, 1, D) view of (B, 1, Hq, D)
+  const Tensor h1 = at::add(x, linear(o.transpose(1, 2).reshape({B, Hq * D}), w.o, group_size));  // (B, H)
   const Tensor mlp = linear(silu_mul.call(linear(rms_norm(h1, *w.post_norm, eps), w.gate_up, group_size)), w.down,
                             group_size);
   return at::add(h1, mlp);
 }
 
-// x (1, 1, H) bf16 through the layers in `layout` -> (1, 1, H). Per layer, layout holds
-// (cache layer index, tensors of q/k/v, of o, of gate/up, of down) and `weights` its
-// norms then projections (see Layer); the token goes to cache slot `slot`, index `pos`, of
-// k_cache / v_cache (layers, slots, Hkv, S, D).
+// x (B, 1, H) bf16 through the layers in `layout` -> (B, 1, H), one new token per row. Per layer,
+// layout holds (cache layer index, tensors of q/k/v, of o, of gate/up, of down) and `weights` its
+// norms then projections (see Layer). Row b is cache slot slot + b of k_cache / v_cache (layers,
+// slots, Hkv, S, D); its token goes to index pos[b] and attends to [0, end) where mask
+// (B, 1, 1, end) allows (everywhere without one).
 Tensor decode_layers(const Tensor& x, const Tensor& cos, const Tensor& rot_sin, const Tensor& k_cache,
-                     const Tensor& v_cache, int64_t slot, int64_t pos, at::TensorList weights, at::IntArrayRef layout,
-                     double eps, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16,
-              "decode_layers: x must be (1, 1, H) bfloat16");
+                     const Tensor& v_cache, int64_t slot, at::IntArrayRef pos, int64_t end,
+                     const c10::optional<Tensor>& mask, at::TensorList weights, at::IntArrayRef layout, double eps,
+                     int64_t group_size) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.scalar_type() == at::kBFloat16,
+              "decode_layers: x must be (B, 1, H) bfloat16");
+  const int64_t B = x.size(0);
   TORCH_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() && k_cache.scalar_type() == at::kBFloat16 &&
               v_cache.scalar_type() == at::kBFloat16 && k_cache.stride(4) == 1 && v_cache.stride(4) == 1 &&
-              0 <= slot && slot < k_cache.size(1) && 0 <= pos && pos < k_cache.size(3),
-              "decode_layers: caches must be (layers, slots, Hkv, S, D) bfloat16, slot and pos inside them");
+              0 <= slot && slot + B <= k_cache.size(1) && static_cast<int64_t>(pos.size()) == B && 0 < end &&
+              end <= k_cache.size(3),
+              "decode_layers: caches must be (layers, slots, Hkv, S, D) bfloat16, slots, pos and end inside them");
+  for (const int64_t p : pos) TORCH_CHECK(0 <= p && p < end, "decode_layers: slot and pos inside the cache (pos < end)");
   TORCH_CHECK(layout.size() % 5 == 0, "decode_layers: layout holds 5 numbers per layer");
-  Tensor h = x.view({1, x.size(2)});
+  Tensor h = x.view({B, x.size(2)});
   size_t t = 0;
   for (size_t i = 0; i < layout.size(); i += 5) {
     const int64_t layer = layout[i];
@@ -110,15 +121,17 @@ Tensor decode_layers(const Tensor& x, const Tensor& cos, const Tensor& rot_sin, 
                   weights.slice(t + 4 + layout[i + 1] + layout[i + 2], layout[i + 3]),
                   weights.slice(t + 4 + layout[i + 1] + layout[i + 2] + layout[i + 3], layout[i + 4])};
     t += need;
-    h = layer_step(h, cos, rot_sin, k_cache[layer][slot], v_cache[layer][slot], pos, w, eps, group_size);
+    h = layer_step(h, cos, rot_sin, k_cache[layer].narrow(0, slot, B), v_cache[layer].narrow(0, slot, B), pos, end,
+                   mask, w, eps, group_size);
   }
   TORCH_CHECK(t == weights.size(), "decode_layers: more weights than the layout lists");
-  return h.view({1, 1, h.size(1)});
+  return h.view({B, 1, h.size(1)});
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qwen3vl_kernels, m) {
   m.def("decode_layers(Tensor x, Tensor cos, Tensor rot_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int slot, "
-        "int pos, Tensor[] weights, int[] layout, float eps, int group_size) -> Tensor", &decode_layers);
+        "int[] pos, int end, Tensor? mask, Tensor[] weights, int[] layout, float eps, int group_size) -> Tensor",
+        &decode_layers);
 }

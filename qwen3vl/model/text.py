@@ -55,11 +55,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows <= 4 and self.bias is None and x.device.type == "cpu" and x.dtype != torch.float32:
-            if self.use_kernels and x.dtype == torch.bfloat16 and (rows <= 2 or self.in_features >= 256):
+            if self.use_kernels and x.dtype == torch.bfloat16 and rows <= self.kernel_rows():
                 return kernels.bf16_gemv(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], self.out_features)
             if rows == 1:
                 return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+    def kernel_rows(self) -> int:
+        """Most activation rows ``forward`` gives the compiled kernel (with ``use_kernels``): for
+        narrow inputs (the tiny test model) the GEMM wins from 3 rows."""
+        return 4 if self.in_features >= 256 else 2
 
     def kernel_weights(self) -> list[torch.Tensor] | None:
         """The weight as ``kernels.decode_layers`` takes it, or None when the layer does not run on
@@ -268,21 +273,22 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # (tensors, layout, int4 group size) of kernels.decode_layers for this layer: set at load
-        # (enable_step_kernel), dropped when the weights move (_apply).
+        # (tensors, layout, int4 group size, most rows) of kernels.decode_layers for this layer: set
+        # at load (enable_step_kernel), dropped when the weights move (_apply).
         self._step: tuple | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        if self._step is not None and x.shape[0] == 1 and x.shape[1] == 1:
-            slot = getattr(ctx.cache, "one_token", None)
-            if slot is not None:
-                return _decode_step(x, ctx, slot, self._step, self.input_layernorm.eps)
+        if self._step is not None and x.shape[1] == 1 and x.shape[0] <= self._step[3]:
+            rows = getattr(ctx.cache, "decode_rows", None)
+            if rows is not None:
+                return _decode_step(x, ctx, rows, self._step, self.input_layernorm.eps)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def enable_step_kernel(self) -> bool:
-        """Let batch-1 decode run this layer in the compiled one-call step (``kernels.decode_layers``:
-        the same kernels in the same order, bit-identical) when every part of it already runs on the
+        """Let decode (one new token per row, as many rows as every projection gives the compiled
+        kernels) run this layer in the compiled one-call step (``kernels.decode_layers``: the same
+        kernels in the same order, bit-identical) when every part of it already runs on the
         compiled CPU kernels: a dense MLP, bf16 activations, bf16 or quantized projections."""
         a, m = self.self_attn, self.mlp
         self._step = None
@@ -294,7 +300,8 @@ class DecoderLayer(nn.Module):
             return False
         norms = [self.input_layernorm.weight, a.q_norm.weight, a.k_norm.weight, self.post_attention_layernorm.weight]
         group = max(getattr(lin, "group_size", 0) for lin in linears)
-        self._step = (norms + [t for w in weights for t in w], [a.layer] + [len(w) for w in weights], group)
+        rows = min(lin.kernel_rows() for lin in linears)
+        self._step = (norms + [t for w in weights for t in w], [a.layer] + [len(w) for w in weights], group, rows)
         return True
 
     def _apply(self, fn, *args, **kwargs):
@@ -302,13 +309,15 @@ class DecoderLayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
-def _decode_step(x: torch.Tensor, ctx: AttnContext, slot: tuple[int, int], step: tuple, eps: float) -> torch.Tensor:
-    """x (1, 1, H): one token of the sequence in cache slot ``slot[0]``, written at index
-    ``slot[1]``, through the layers of ``step`` (tensors, layout, group size) in one call."""
-    tensors, layout, group = step
+def _decode_step(x: torch.Tensor, ctx: AttnContext, rows: tuple, step: tuple, eps: float) -> torch.Tensor:
+    """x (B, 1, H): one token per row through the layers of ``step`` (tensors, layout, group size,
+    most rows) in one call. ``rows`` = (first cache slot, each row's cache index, attention end),
+    the cache window's ``decode_rows``."""
+    tensors, layout, group, _ = step
+    slot, pos, end = rows
     cache = ctx.cache.cache
-    return kernels.decode_layers(x, ctx.cos_heads, ctx.rot_sin_heads, cache.k, cache.v, slot[0], slot[1], tensors,
-                                 layout, eps, group)
+    return kernels.decode_layers(x, ctx.cos_heads, ctx.rot_sin_heads, cache.k, cache.v, slot, pos, end, ctx.mask,
+                                 tensors, layout, eps, group)
 
 
 class TextDecoder(nn.Module):
@@ -321,13 +330,14 @@ class TextDecoder(nn.Module):
         self._steps: tuple | None = None  # every layer's decode step in one call (enable_step_kernels)
 
     def enable_step_kernels(self) -> None:
-        """Batch-1 decode: each dense layer on the compiled kernels in one call, and the whole stack
-        in one call when every layer qualifies (``DecoderLayer.enable_step_kernel``)."""
+        """Decode: each dense layer on the compiled kernels in one call, and the whole stack in one
+        call when every layer qualifies (``DecoderLayer.enable_step_kernel``)."""
         enabled = [layer.enable_step_kernel() for layer in self.layers]
         self._steps = None
         if all(enabled):
             steps = [layer._step for layer in self.layers]
-            self._steps = ([t for s in steps for t in s[0]], [n for s in steps for n in s[1]], steps[0][2])
+            self._steps = ([t for s in steps for t in s[0]], [n for s in steps for n in s[1]], steps[0][2],
+                           min(s[3] for s in steps))
 
     def _apply(self, fn, *args, **kwargs):
         self._steps = None
@@ -338,10 +348,10 @@ class TextDecoder(nn.Module):
 
         visual_mask: (B, T) bool, where the deepstack features (each (n_visual, H)) are added.
         """
-        if self._steps is not None and h.shape[0] == 1 and h.shape[1] == 1 and not deepstack:
-            slot = getattr(ctx.cache, "one_token", None)
-            if slot is not None:
-                return self.norm(_decode_step(h, ctx, slot, self._steps, self.norm.eps))
+        if self._steps is not None and h.shape[1] == 1 and h.shape[0] <= self._steps[3] and not deepstack:
+            rows = getattr(ctx.cache, "decode_rows", None)
+            if rows is not None:
+                return self.norm(_decode_step(h, ctx, rows, self._steps, self.norm.eps))
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx)
             if i < len(deepstack):
