@@ -586,8 +586,8 @@ def test_decode_layer_only_where_it_applies(tiny_ckpt):
     assert Window(cache, slice(1, 3), 4, None, 1).decode_rows == (1, [4, 4], 5)
     assert Scatter(cache, torch.tensor([4, 2]), 5).decode_rows == (0, [4, 2], 5)
     dec = model.model.language_model
-    assert dec._steps[3] == 2 and model.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization="int8"
-                                                        ).model.language_model._steps[3] == 8
+    assert dec._steps.rows == 2 and model.from_pretrained(tiny_ckpt, dtype="bfloat16", quantization="int8"
+                                                          ).model.language_model._steps.rows == 8
     calls = []
     real = kernels.decode_layers
     kernels.decode_layers = lambda *a: calls.append(1) or real(*a)

@@ -81,7 +81,8 @@ class Scatter:
         b = positions.shape[0]
         self.cache, self.pos, self.end, self.rows = cache, positions, end, torch.arange(b, device=positions.device)
         cache.valid[self.rows, positions] = True
-        # See Window (the one-call step is a CPU path: no device sync for the host copy elsewhere).
+        # See Window. Only for CPU positions: the one-call step is a CPU path, and the host copy
+        # would cost a device sync elsewhere.
         self.decode_rows = (0, positions.tolist(), end) if positions.device.type == "cpu" else None
         if b == 1 and not cache.padded[0]:
             self.mask = None  # one sequence, no padding: attend to everything written

@@ -11,6 +11,7 @@ maps checkpoint slices onto the fused parameters).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -273,12 +274,12 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg) if cfg.is_sparse_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # (tensors, layout, int4 group size, most rows) of kernels.decode_layers for this layer: set
-        # at load (enable_step_kernel), dropped when the weights move (_apply).
-        self._step: tuple | None = None
+        # This layer's arguments to kernels.decode_layers: set at load (enable_step_kernel), dropped
+        # when the weights move (_apply).
+        self._step: StepArgs | None = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        if self._step is not None and x.shape[1] == 1 and x.shape[0] <= self._step[3]:
+        if self._step is not None and x.shape[1] == 1 and x.shape[0] <= self._step.rows:
             rows = getattr(ctx.cache, "decode_rows", None)
             if rows is not None:
                 return _decode_step(x, ctx, rows, self._step, self.input_layernorm.eps)
@@ -301,7 +302,8 @@ class DecoderLayer(nn.Module):
         norms = [self.input_layernorm.weight, a.q_norm.weight, a.k_norm.weight, self.post_attention_layernorm.weight]
         group = max(getattr(lin, "group_size", 0) for lin in linears)
         rows = min(lin.kernel_rows() for lin in linears)
-        self._step = (norms + [t for w in weights for t in w], [a.layer] + [len(w) for w in weights], group, rows)
+        self._step = StepArgs(norms + [t for w in weights for t in w], [a.layer] + [len(w) for w in weights], group,
+                              rows)
         return True
 
     def _apply(self, fn, *args, **kwargs):
@@ -309,15 +311,22 @@ class DecoderLayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
-def _decode_step(x: torch.Tensor, ctx: AttnContext, rows: tuple, step: tuple, eps: float) -> torch.Tensor:
-    """x (B, 1, H): one token per row through the layers of ``step`` (tensors, layout, group size,
-    most rows) in one call. ``rows`` = (first cache slot, each row's cache index, attention end),
-    the cache window's ``decode_rows``."""
-    tensors, layout, group, _ = step
+class StepArgs(NamedTuple):
+    """Layers' weights as ``kernels.decode_layers`` takes them."""
+
+    tensors: list[torch.Tensor]  # per layer: norms, then the projections' tensors
+    layout: list[int]  # per layer: cache layer index, tensors of q/k/v, o, gate/up, down
+    group_size: int  # int4 group size (0: none)
+    rows: int  # most sequences per call: what every projection gives the compiled kernels
+
+
+def _decode_step(x: torch.Tensor, ctx: AttnContext, rows: tuple, step: StepArgs, eps: float) -> torch.Tensor:
+    """x (B, 1, H): one token per row through the layers of ``step`` in one call. ``rows`` = (first
+    cache slot, each row's cache index, attention end), the cache window's ``decode_rows``."""
     slot, pos, end = rows
     cache = ctx.cache.cache
     return kernels.decode_layers(x, ctx.cos_heads, ctx.rot_sin_heads, cache.k, cache.v, slot, pos, end, ctx.mask,
-                                 tensors, layout, eps, group)
+                                 step.tensors, step.layout, eps, step.group_size)
 
 
 class TextDecoder(nn.Module):
@@ -327,7 +336,7 @@ class TextDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self._steps: tuple | None = None  # every layer's decode step in one call (enable_step_kernels)
+        self._steps: StepArgs | None = None  # every layer's decode step in one call (enable_step_kernels)
 
     def enable_step_kernels(self) -> None:
         """Decode: each dense layer on the compiled kernels in one call, and the whole stack in one
@@ -336,8 +345,8 @@ class TextDecoder(nn.Module):
         self._steps = None
         if all(enabled):
             steps = [layer._step for layer in self.layers]
-            self._steps = ([t for s in steps for t in s[0]], [n for s in steps for n in s[1]], steps[0][2],
-                           min(s[3] for s in steps))
+            self._steps = StepArgs([t for s in steps for t in s.tensors], [n for s in steps for n in s.layout],
+                                   steps[0].group_size, min(s.rows for s in steps))
 
     def _apply(self, fn, *args, **kwargs):
         self._steps = None
@@ -348,7 +357,7 @@ class TextDecoder(nn.Module):
 
         visual_mask: (B, T) bool, where the deepstack features (each (n_visual, H)) are added.
         """
-        if self._steps is not None and h.shape[1] == 1 and h.shape[0] <= self._steps[3] and not deepstack:
+        if self._steps is not None and h.shape[1] == 1 and h.shape[0] <= self._steps.rows and not deepstack:
             rows = getattr(ctx.cache, "decode_rows", None)
             if rows is not None:
                 return self.norm(_decode_step(h, ctx, rows, self._steps, self.norm.eps))
