@@ -30,8 +30,8 @@ ARCH_DIRS = {
     "2B": "Qwen3-VL-2B-Instruct", "4B": "Qwen3-VL-4B-Instruct", "8B": "Qwen3-VL-8B-Instruct",
     "32B": "Qwen3-VL-32B-Instruct", "30B-A3B": "Qwen3-VL-30B-A3B-Instruct",
 }
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
-                        "qwen3vl-configs")
+# The released config.json of each architecture ships with the package (provenance: SOURCES.md there).
+ARCH_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "configs")
 IMAGE_GRID = (1, 28, 28)  # a 448x448 image: 28x28 patches of 16 px, 196 tokens after merging
 
 
@@ -40,7 +40,7 @@ def arch_config(arch: str) -> dict:
         from .random_checkpoint import TINY_CONFIG
 
         return TINY_CONFIG
-    path = os.path.join(os.environ.get("QWEN3VL_CONFIGS", FIXTURES), ARCH_DIRS[arch], "config.json")
+    path = os.path.join(ARCH_CONFIGS, ARCH_DIRS[arch], "config.json")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -56,7 +56,8 @@ def checkpoint(arch: str, dtype: str) -> str:
         cfg = dict(arch_config(arch))
         cfg["torch_dtype"] = dtype
         write_random_checkpoint(path, cfg, seed=0, dtype=getattr(torch, dtype))
-        open(os.path.join(path, "DONE"), "w").close()
+        with open(os.path.join(path, "DONE"), "w"):
+            pass
     return path
 
 

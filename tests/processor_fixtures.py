@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "qwen3vl-configs",
-                          "Qwen3-VL-8B-Instruct")
-if not os.path.isdir(CONFIG_DIR):
-    CONFIG_DIR = "/work/shared/fixtures/qwen3vl-configs/Qwen3-VL-8B-Instruct"
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "qwen3vl-configs", "Qwen3-VL-8B-Instruct")
 CONFIG_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "tokenizer_config.json",
                 "chat_template.json", "chat_template.jinja", "generation_config.json")
 
@@ -63,11 +60,13 @@ def make_reference_processor(path: str):
             return super().check_argument_for_proper_class(name, arg)
 
     transformers.logging.set_verbosity_error()
-    cfg = json.load(open(os.path.join(path, "preprocessor_config.json")))
+    with open(os.path.join(path, "preprocessor_config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
     cfg = {k: v for k, v in cfg.items() if k not in ("processor_class", "image_processor_type")}
     image_processor = Qwen2VLImageProcessorPil(**cfg)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    template = open(os.path.join(path, "chat_template.jinja"), encoding="utf-8").read()
+    with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
+        template = f.read()
     return ReferenceProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                               chat_template=template)
 

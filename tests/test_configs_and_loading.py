@@ -15,7 +15,7 @@ from qwen3vl.config import ConfigError, Qwen3VLConfig
 from qwen3vl.random_checkpoint import TINY_CONFIG, random_tensors, write_checkpoint
 from qwen3vl.weights import WeightsError, checkpoint_shapes, name_table
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "qwen3vl-configs")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "qwen3vl-configs")
 DENSE = ["Qwen3-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3-VL-8B-Instruct", "Qwen3-VL-32B-Instruct"]
 MOE = ["Qwen3-VL-30B-A3B-Instruct", "Qwen3-VL-235B-A22B-Instruct"]
 
@@ -23,7 +23,7 @@ MOE = ["Qwen3-VL-30B-A3B-Instruct", "Qwen3-VL-235B-A22B-Instruct"]
 def fixture_dir(name: str) -> str:
     path = os.path.join(FIXTURES, name)
     if not os.path.isdir(path):
-        pytest.fail(f"config fixtures not found at {path} (the shared/ folder must sit beside the repo)")
+        pytest.fail(f"config fixtures not found at {path}")
     return path
 
 
@@ -51,7 +51,8 @@ def test_real_config_builds_on_meta_with_reference_shapes(name):
 
 
 def test_both_config_dialects_parse_the_same():
-    released = json.load(open(os.path.join(fixture_dir("Qwen3-VL-2B-Instruct"), "config.json")))
+    with open(os.path.join(fixture_dir("Qwen3-VL-2B-Instruct"), "config.json"), encoding="utf-8") as f:
+        released = json.load(f)
     v5 = copy.deepcopy(released)  # the transformers >= 5 re-serialisation of the same file
     tc = v5["text_config"]
     tc["rope_parameters"] = dict(tc.pop("rope_scaling"), rope_theta=tc.pop("rope_theta"))
@@ -124,8 +125,10 @@ def test_truncated_safetensors(tmp_path, tiny_tensors):
 def test_corrupt_safetensors_header(tmp_path, tiny_tensors, damage, why):
     path = _write(tmp_path, tiny_tensors)
     fn = os.path.join(path, "model.safetensors")
-    data = open(fn, "rb").read()
-    open(fn, "wb").write(damage(data))
+    with open(fn, "rb") as f:
+        data = f.read()
+    with open(fn, "wb") as f:
+        f.write(damage(data))
     with pytest.raises(WeightsError, match=f"cannot read .*model\\.safetensors: {why}"):
         qwen3vl.Qwen3VL.from_pretrained(path)
 
@@ -149,9 +152,11 @@ def test_loaded_weights_equal_file_tensors(tmp_path, tiny_tensors):
 
 def test_unknown_model_type_in_checkpoint(tmp_path, tiny_tensors):
     path = _write(tmp_path, tiny_tensors)
-    cfg = json.load(open(os.path.join(path, "config.json")))
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
     cfg["model_type"] = "qwen2_vl"
-    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
     with pytest.raises(ConfigError, match="unknown model_type 'qwen2_vl'"):
         qwen3vl.Qwen3VL.from_pretrained(path)
 
