@@ -75,10 +75,11 @@ def formats(shapes):
         "int4 _weight_int4pack_mm (g64)": (int4, lambda x, p: torch._weight_int4pack_mm_for_cpu(x, p[0], 64, p[1]),
                                            0.5 + 4 / 64),
     }
-    if kernels.available():
-        out["int8 qwen3vl.kernels"] = (int8_ours, lambda x, p: kernels.int8_gemv(x, *p), 1)
-        out["int4 qwen3vl.kernels (g64)"] = (int4_ours, lambda x, p: kernels.int4_gemv(x, *p, 64), 0.5 + 4 / 64)
-        out["bf16 qwen3vl.kernels"] = (lambda w: w.bfloat16(), kernels.bf16_gemv, 2)
+    if kernels.build():
+        out["int8 qwen3vl.kernels"] = (int8_ours, lambda x, p: kernels.compiled.int8_gemv(x, *p), 1)
+        out["int4 qwen3vl.kernels (g64)"] = (int4_ours, lambda x, p: kernels.compiled.int4_gemv(x, *p, 64),
+                                             0.5 + 4 / 64)
+        out["bf16 qwen3vl.kernels"] = (lambda w: w.bfloat16(), kernels.compiled.bf16_gemv, 2)
     if mk is not None and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         out["bf16 mkldnn packed"] = (
             lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1),

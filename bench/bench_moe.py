@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import qwen3vl  # noqa: E402
+from qwen3vl import env  # noqa: E402
 from qwen3vl.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 
@@ -64,8 +65,7 @@ def bench_config(layers: int, vision_depth: int = 2) -> dict:
 
 
 def ensure_checkpoint(layers: int) -> str:
-    home = os.environ.get("QWEN3VL_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3vl")
-    path = os.path.join(home, f"bench-moe-L{layers}")
+    path = os.path.join(env.home(), f"bench-moe-L{layers}")
     done = os.path.join(path, ".complete")
     config = bench_config(layers)
     if os.path.isfile(done) and json.load(open(os.path.join(path, "config.json"))) == config:

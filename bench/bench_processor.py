@@ -1,6 +1,7 @@
 """Processor speed: ours vs the reference, in one run.
 
-1. One 1920x1080 image: our image path vs transformers' Qwen2-VL PIL image processor.
+1. One 1920x1080 image: our processor call (the live path: load, resize, patchify, tokenize)
+   vs transformers' Qwen2-VL PIL image processor.
 2. A 30 s 720p clip (written here with PyAV): our video path (decode only what is sampled)
    vs a qwen-vl-utils-style pipeline (decode and convert every frame with PyAV, keep the
    sampled ones, resize with torch bicubic+antialias, normalise, patchify).
@@ -100,7 +101,6 @@ def main():
 
     from processor_fixtures import build_processor_dir, make_reference_processor
     from qwen3vl.processor import Processor
-    from qwen3vl.processor.image import preprocess_images
 
     tmp = tempfile.mkdtemp(prefix="qwen3vl_bench_")
     model_dir = args.model_dir or build_processor_dir(os.path.join(tmp, "model"))
@@ -108,9 +108,10 @@ def main():
     ref = make_reference_processor(model_dir)
 
     image = make_image()
-    t_img_ours = timeit(lambda: preprocess_images([image], ours.image_params), args.repeats)
+    image_text = "<|vision_start|><|image_pad|><|vision_end|>"
+    t_img_ours = timeit(lambda: ours(text=image_text, images=[image]), args.repeats)
     t_img_ref = timeit(lambda: ref.image_processor(images=[image], return_tensors="pt"), args.repeats)
-    a = preprocess_images([image], ours.image_params)[0]
+    a = ours(text=image_text, images=[image])["pixel_values"]
     b = ref.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     img_diff = (a - b).abs().mean().item()
 

@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Qwen3VL": ("qwen3vl.model.qwen3vl", "Qwen3VL"),
+    "Qwen3VL": ("qwen3vl.engine.hf", "Qwen3VL"),
     "Qwen3VLConfig": ("qwen3vl.config", "Qwen3VLConfig"),
     "Processor": ("qwen3vl.processor", "Processor"),
     "LLM": ("qwen3vl.engine.llm", "LLM"),

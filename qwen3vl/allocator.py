@@ -24,6 +24,8 @@ import ctypes
 import ctypes.util
 import os
 
+from . import env
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _MADV_HUGEPAGE = 14  # linux/mman.h
 _HUGE = 2 * 2**20
@@ -41,7 +43,7 @@ def _libc():
 def advise_huge_pages(tensors) -> int:
     """Ask for 2 MiB pages under each CPU tensor of at least 4 MiB (the whole 2 MiB-aligned pages
     inside it), before it is first written. Returns the bytes advised (0 where unsupported)."""
-    if os.environ.get("QWEN3VL_HUGE_PAGES", "1") == "0" or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+    if not env.huge_pages() or not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
         return 0
     libc = _libc()
     madvise = getattr(libc, "madvise", None)
@@ -65,7 +67,7 @@ def keep_heap() -> bool:
     if _done:
         return _done[0]
     ok = False
-    if os.environ.get("QWEN3VL_KEEP_HEAP", "1") != "0":
+    if env.keep_heap():
         mallopt = getattr(_libc(), "mallopt", None)  # None: not glibc (musl, macOS, Windows)
         if mallopt is not None:
             ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))

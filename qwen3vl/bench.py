@@ -26,6 +26,11 @@ import time
 import torch
 from torch import nn
 
+from . import env
+from .engine.hf import Qwen3VL
+from .quant import quantize_modules
+from .random_checkpoint import TINY_CONFIG, write_random_checkpoint
+
 ARCH_DIRS = {
     "2B": "Qwen3-VL-2B-Instruct", "4B": "Qwen3-VL-4B-Instruct", "8B": "Qwen3-VL-8B-Instruct",
     "32B": "Qwen3-VL-32B-Instruct", "30B-A3B": "Qwen3-VL-30B-A3B-Instruct",
@@ -37,8 +42,6 @@ IMAGE_GRID = (1, 28, 28)  # a 448x448 image: 28x28 patches of 16 px, 196 tokens 
 
 def arch_config(arch: str) -> dict:
     if arch == "tiny":
-        from .random_checkpoint import TINY_CONFIG
-
         return TINY_CONFIG
     path = os.path.join(ARCH_CONFIGS, ARCH_DIRS[arch], "config.json")
     with open(path, encoding="utf-8") as f:
@@ -47,10 +50,7 @@ def arch_config(arch: str) -> dict:
 
 def checkpoint(arch: str, dtype: str) -> str:
     """Random-weight checkpoint of ``arch`` in the released layout, cached on disk."""
-    from .demo import cache_dir
-    from .random_checkpoint import write_random_checkpoint
-
-    path = os.path.join(cache_dir(), f"bench-{arch}-{dtype}")
+    path = os.path.join(env.home(), f"bench-{arch}-{dtype}")
     if not os.path.isfile(os.path.join(path, "DONE")):
         print(f"writing random {arch} checkpoint ({dtype}) to {path} ...", file=sys.stderr)
         cfg = dict(arch_config(arch))
@@ -92,7 +92,8 @@ def _inputs(cfg: dict, batch: int, text: int, image: bool, seed: int = 0) -> dic
     out = {}
     if image:
         n = IMAGE_GRID[1] * IMAGE_GRID[2] // 4
-        vis = torch.tensor([151652] + [151655] * n + [151653]).expand(batch, -1)
+        start, pad, end = cfg["vision_start_token_id"], cfg["image_token_id"], cfg["vision_end_token_id"]
+        vis = torch.tensor([start] + [pad] * n + [end]).expand(batch, -1)
         ids = torch.cat([ids[:, :8], vis, ids[:, 8:]], 1)
         out["pixel_values"] = torch.randn(batch * IMAGE_GRID[1] * IMAGE_GRID[2], 1536, generator=g)
         out["image_grid_thw"] = torch.tensor([IMAGE_GRID] * batch)
@@ -107,19 +108,18 @@ REFERENCE_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def _load(impl: str, path: str, dtype: str, quantization: str | None = None, load_reference=None):
     if impl == "ours":
-        from .model.qwen3vl import Qwen3VL
-
         return Qwen3VL.from_pretrained(path, dtype=getattr(torch, dtype), progress=False, quantization=quantization)
     if load_reference is None:
         raise RuntimeError(f"the reference worker runs through {REFERENCE_WORKER}")
     return load_reference(path, dtype)
 
 
-def _call_kwargs(impl: str, inputs: dict) -> dict:
+def _call_kwargs(impl: str, inputs: dict, cfg: dict) -> dict:
+    """The reference wants the token types of the prompt too (1 image, 2 video)."""
     if impl == "ours":
         return inputs
     ids = inputs["input_ids"]
-    return dict(inputs, mm_token_type_ids=(ids == 151655).int() + 2 * (ids == 151656).int())
+    return dict(inputs, mm_token_type_ids=(ids == cfg["image_token_id"]).int() + 2 * (ids == cfg["video_token_id"]).int())
 
 
 class _Clock:
@@ -135,21 +135,21 @@ class _Clock:
         pass
 
 
-def _gen_time(impl, model, inputs, n: int) -> float:
+def _gen_time(impl, model, inputs, n: int, cfg: dict) -> float:
     """Wall time of ``generate`` for exactly n new greedy tokens."""
-    return _generate_timed(impl, model, inputs, n)[0]
+    return _generate_timed(impl, model, inputs, n, cfg)[0]
 
 
-def _decode_rate(impl, model, inputs, n: int) -> float:
+def _decode_rate(impl, model, inputs, n: int, cfg: dict) -> float:
     """Tokens/s of steps 2..n, timed between the first and last new token, so the prefill (and
     its run-to-run noise, large next to a few decode steps at batch 8) is not in the figure."""
-    times = _generate_timed(impl, model, inputs, n)[1][1:]  # one per new token
+    times = _generate_timed(impl, model, inputs, n, cfg)[1][1:]  # one per new token
     return inputs["input_ids"].shape[0] * (len(times) - 1) / (times[-1] - times[0])
 
 
-def _generate_timed(impl, model, inputs, n: int):
+def _generate_timed(impl, model, inputs, n: int, cfg: dict):
     clock = _Clock()
-    kw = dict(_call_kwargs(impl, inputs), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+    kw = dict(_call_kwargs(impl, inputs, cfg), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**kw)
@@ -172,16 +172,16 @@ def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, cont
         run = (lambda: visual(pv, grid)) if impl == "ours" else (lambda: visual(pv, grid_thw=grid))
         run()
         res["vision_448_s"] = _best(run, 3)
-        kw = dict(_call_kwargs(impl, img), logits_to_keep=1)
+        kw = dict(_call_kwargs(impl, img, cfg), logits_to_keep=1)
         model(**kw)
         res["prefill_image_64_s"] = _best(lambda: model(**kw), 3)
         res["prefill_tokens"] = int(img["input_ids"].shape[1])
-    res["ttft_s"] = min(_gen_time(impl, model, img, 1) for _ in range(2))
+    res["ttft_s"] = min(_gen_time(impl, model, img, 1, cfg) for _ in range(2))
     for b, n in ((1, new_tokens), (8, max(8, new_tokens // 2))):
         ctx = _inputs(cfg, b, context, image=False, seed=1)
         # Best of a few runs, like the other timings: a few dozen steps of a small model are
         # short enough for a single run to catch a scheduler hiccup.
-        res[f"decode_b{b}_tok_s"] = max(_decode_rate(impl, model, ctx, n + 1) for _ in range(3 if b == 1 else 2))
+        res[f"decode_b{b}_tok_s"] = max(_decode_rate(impl, model, ctx, n + 1, cfg) for _ in range(3 if b == 1 else 2))
     res["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return res
 
@@ -198,12 +198,8 @@ def decode_bytes(path: str, fmt: str) -> int:
     """Bytes of weights one decode step reads: the text decoder + lm_head (one embedding row is
     negligible), bytes counted on the model as that format lays it out (codes, scales and zeros
     of the quantized layers, ``qwen3vl.quant.layer_mode`` per layer), built on the meta device."""
-    from .model.qwen3vl import Qwen3VL
-
     meta = Qwen3VL.from_config(path, device="meta")
     if fmt in ("int8", "int4"):
-        from .quant import quantize_modules
-
         meta = meta.to(torch.bfloat16)
         quantize_modules(meta, fmt)
     else:
@@ -218,8 +214,6 @@ def prefill_flops(path: str, text_tokens: int) -> float:
     encoder's linear layers over its patches (mergers over the merged tokens) and its attention,
     the text decoder's linear layers over every token and its causal attention, one lm_head row.
     Norms, activations and rotary embeddings are left out (a few %)."""
-    from .model.qwen3vl import Qwen3VL
-
     meta = Qwen3VL.from_config(path, device="meta")
     patches = IMAGE_GRID[0] * IMAGE_GRID[1] * IMAGE_GRID[2]
     vis = meta.model.visual

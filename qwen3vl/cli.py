@@ -105,7 +105,7 @@ def _repl(llm, args, sampling: dict) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .engine.llm import LLM
+    from .engine.api import LLM
 
     for f in args.image + args.video:
         if not os.path.isfile(f) and not f.startswith(("http://", "https://")):
@@ -128,10 +128,22 @@ def _demo_notice() -> str:
     return DEMO_NOTICE
 
 
-def cmd_serve(args) -> int:
-    from .server.app import serve
+def serve_settings(args):
+    """``qwen3vl serve``'s arguments as the server's typed settings (raises ValueError when invalid)."""
+    from .server.settings import ServeSettings
 
-    return serve(args)
+    return ServeSettings(
+        model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        allowed_local_media_path=args.allowed_local_media_path, dtype=args.dtype, device=args.device,
+        quantization=args.quantization, group_size=args.group_size)
+
+
+def cmd_serve(args) -> int:
+    settings = serve_settings(args)
+    from .server.serve import serve
+
+    return serve(settings)
 
 
 def cmd_bench(argv: list[str]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
@@ -24,6 +24,13 @@ def _need(d: dict, key: str, where: str) -> Any:
     if key not in d or d[key] is None:
         raise ConfigError(f"config.json: missing required field '{where}.{key}'")
     return d[key]
+
+
+def _first_id(value) -> int | None:
+    """A token id given as an int or a list of ints (the first is taken)."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -84,8 +91,9 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 262144
-    hidden_act: str = "silu"
     attention_bias: bool = False
+    eos_token_id: int | None = None  # the checkpoint's special ids (generation falls back on them)
+    pad_token_id: int | None = None
     # Mixture of experts (num_experts == 0: dense model).
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -113,6 +121,8 @@ class TextConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(f"config.json: unsupported text rope_type {rope_type!r} (only 'default')")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json: unsupported text_config.hidden_act {d['hidden_act']!r} (only 'silu')")
         heads = _need(d, "num_attention_heads", w)
         hidden = _need(d, "hidden_size", w)
         section = tuple(rope.get("mrope_section", (24, 20, 20)))
@@ -134,8 +144,9 @@ class TextConfig:
             mrope_section=section,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 262144),
-            hidden_act=d.get("hidden_act", "silu"),
             attention_bias=bool(d.get("attention_bias", False)),
+            eos_token_id=_first_id(d.get("eos_token_id")),
+            pad_token_id=_first_id(d.get("pad_token_id")),
             num_experts=d.get("num_experts", d.get("num_local_experts")) or 0,
             num_experts_per_tok=d.get("num_experts_per_tok") or 0,
             moe_intermediate_size=d.get("moe_intermediate_size") or 0,
@@ -154,9 +165,6 @@ class Qwen3VLConfig:
     torch_dtype: str = "bfloat16"
     image_token_id: int = 151655
     video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_moe(self) -> bool:
@@ -191,11 +199,8 @@ class Qwen3VLConfig:
             vision=vision,
             tie_word_embeddings=bool(tie),
             torch_dtype=dtype or "bfloat16",
-            image_token_id=d.get("image_token_id", 151655),
-            video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
-            raw=d,
+            image_token_id=_need(d, "image_token_id", "<root>"),
+            video_token_id=_need(d, "video_token_id", "<root>"),
         )
 
     @classmethod

@@ -14,15 +14,12 @@ import os
 import shutil
 import tempfile
 
+from .env import home
 from .random_checkpoint import TINY_CONFIG, write_random_checkpoint
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEMO_NOTICE = "random weights: output is noise (tiny demo checkpoint; pass --model PATH for a real one)"
 _VERSION = "v1"
-
-
-def cache_dir() -> str:
-    return os.environ.get("QWEN3VL_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "qwen3vl")
 
 
 def real_tokenizer_dir() -> str | None:
@@ -53,11 +50,11 @@ def _byte_level_tokenizer(path: str) -> None:
 
 def demo_checkpoint() -> str:
     """Path of the demo checkpoint folder, building it (a second or two) if needed."""
-    final = os.path.join(cache_dir(), f"demo-tiny-{_VERSION}")
+    final = os.path.join(home(), f"demo-tiny-{_VERSION}")
     if os.path.isfile(os.path.join(final, "DONE")):
         return final
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="demo-", dir=cache_dir())
+    os.makedirs(home(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="demo-", dir=home())
     write_random_checkpoint(tmp, TINY_CONFIG, seed=0)
     for name in ("chat_template.jinja", "tokenizer_config.json", "preprocessor_config.json",
                  "video_preprocessor_config.json"):
@@ -77,4 +74,4 @@ def demo_checkpoint() -> str:
 
 
 def is_demo(path: str) -> bool:
-    return os.path.abspath(path).startswith(os.path.abspath(os.path.join(cache_dir(), "demo-tiny-")))
+    return os.path.abspath(path).startswith(os.path.abspath(os.path.join(home(), "demo-tiny-")))

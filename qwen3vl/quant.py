@@ -9,9 +9,9 @@ Decode (up to ``DECODE_ROWS`` activation rows) uses the compiled matrix-vector k
 ``qwen3vl.kernels``, which read these layouts as stored; without them (no AVX-512 BF16, no
 compiler, QWEN3VL_NO_EXT=1) it falls back to ``torch._weight_int8pack_mm`` /
 ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (about half the speed; int4 MoE
-experts then dequantize and use the GEMM). The compiled kernels round activations (int8: to int16
-per row, int4: to int8 per block of 128; 5-8 rows use AMX tiles where available; see
-``qwen3vl.kernels``).
+experts then dequantize and use the GEMM). The path is chosen once, in ``finalize``. The compiled
+kernels round activations (int8: to int16 per row, int4: to int8 per block of 128; 5-8 rows use
+AMX tiles where available; see ``qwen3vl.kernels``).
 Policy (``layer_mode``): the MLP (gate/up, down) projections and the MoE experts are in the
 chosen format; the attention projections (q/k/v, o) and the ``lm_head`` are int8 in both modes.
 Attention is where rounding hurts most: on the tiny random checkpoint, int4 attention alone takes
@@ -20,9 +20,10 @@ MLPs cost almost nothing; in the 2B architecture attention is a quarter of a lay
 int8 attention costs int4 decode ~15 % more bytes per token. The lm_head is the largest matrix
 and maps rounding straight onto the logits. Token embeddings (one row read per token), MoE
 routers and the whole vision encoder stay in the model dtype.
-Prefill (many rows) dequantizes each matrix to bf16 and uses the GEMM, which is compute-bound
-anyway. Weights are quantized row by row as the checkpoint streams in, so the full-precision
-model never exists in memory.
+Prefill (many rows) dequantizes each matrix to bf16 (one definition, ``kernels.reference``:
+fp32 arithmetic, one rounding; compiled on CPU) and uses the GEMM, which is compute-bound anyway.
+Weights are quantized row by row as the checkpoint streams in, so the full-precision model never
+exists in memory.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class _Quantized(nn.Module):
                                                   device=device))
         self.packed: torch.Tensor | None = None
         self.scales_and_zeros: torch.Tensor | None = None
+        self.ops = kernels.REFERENCE  # the quantized ops: chosen in finalize, by device
+        self._decode = self._dequant_matmul  # up to DECODE_ROWS rows: chosen in finalize
 
     @property
     def logical_shape(self) -> tuple[int, ...]:
@@ -111,54 +114,55 @@ class _Quantized(nn.Module):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Build the kernels' layouts once all rows are loaded."""
-        # The packed matrix-vector kernels used here are CPU kernels; elsewhere (CUDA: unverified)
-        # every call dequantizes and uses the GEMM.
-        self.packed_kernels = self.qweight.device.type == "cpu"
-        # The compiled kernels (qwen3vl.kernels) read qweight/scales/zeros as they are, at about
-        # twice the stock kernels' speed, so the stock kernels' copies are only built without them.
-        self.ext_kernels = self.packed_kernels and kernels.available()
-        if self.mode == "int8":
+        """Choose the decode path and build its layouts once all rows are loaded. Builds the
+        compiled kernels first (once per process; the choice depends on them)."""
+        kernels.build()
+        # The quantized ops take fp32 and bf16 activations alike (others are converted to bf16).
+        self.ops = kernels.select(torch.bfloat16, self.qweight.device)
+        if "int8_gemv" in self.ops.compiled:  # reads qweight/scales/zeros as stored, ~2x the stock speed
+            self._decode = self._decode_compiled
+        elif self.qweight.device.type != "cpu":  # the stock packed kernels are CPU kernels (CUDA: unverified)
+            self._decode = self._dequant_matmul
+        elif self.mode == "int8":
             self.scales_bf16 = self.scales[..., 0].to(torch.bfloat16)
-            return
-        # Our nibble pairs are the compiled kernels' decode layout and what prefill dequantizes;
-        # the stock int4 kernel (used without them) wants its own packing of the codes.
-        if self.packed_kernels and not self.ext_kernels and not self.lead:
+            self._decode = self._decode_int8pack
+        elif not self.lead:
+            # Our nibble pairs are the compiled kernels' decode layout and what prefill dequantizes;
+            # the stock int4 kernel wants its own packing of the codes.
             codes = torch.stack((self.qweight & 0xF, self.qweight >> 4), -1).view(self.out_features, -1)
             self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
             self.scales_and_zeros = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(
                 torch.bfloat16)
+            self._decode = self._decode_int4pack
 
     def dequantized(self, idx: tuple = (), out: torch.Tensor | None = None) -> torch.Tensor:
-        """Matrix ``idx`` as (N, K) bfloat16 (for prefill GEMMs and tests); the compiled kernels
-        write it into ``out`` when given."""
-        q, s, z = self.qweight[idx], self.scales[idx], self.zeros[idx]
-        if self.ext_kernels:
-            if self.mode == "int8":
-                return kernels.int8_dequant(q, s, out)
-            return kernels.int4_dequant(q, s, z, self.group_size, out)
+        """Matrix ``idx`` as (N, K) bfloat16 (for prefill GEMMs and tests), written into ``out``
+        when given."""
+        q, s = self.qweight[idx], self.scales[idx]
         if self.mode == "int8":
-            return q.to(torch.bfloat16) * self.scales_bf16[idx][:, None]
-        n, k = self.out_features, self.in_features
-        codes = torch.stack((q & 0xF, q >> 4), -1).view(n, k // self.group_size, self.group_size)
-        w = (codes.to(torch.bfloat16) - 8) * s.to(torch.bfloat16)[..., None] + z.to(torch.bfloat16)[..., None]
-        return w.view(n, k)
+            return self.ops.int8_dequant(q, s, out)
+        return self.ops.int4_dequant(q, s, self.zeros[idx], self.group_size, out)
 
     def _matmul(self, idx: tuple, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) @ matrix ``idx``.T -> (M, N) in x2's dtype."""
-        m = x2.shape[0]
-        if self.ext_kernels and m <= DECODE_ROWS:
-            if x2.dtype not in (torch.float32, torch.bfloat16):
-                x2 = x2.to(torch.bfloat16)
-            if self.mode == "int8":
-                return kernels.int8_gemv(x2, self.qweight[idx], self.scales[idx])
-            return kernels.int4_gemv(x2, self.qweight[idx], self.scales[idx], self.zeros[idx], self.group_size)
-        x2 = x2.to(torch.bfloat16)
-        if m <= DECODE_ROWS and self.packed_kernels and self.mode == "int8":
-            return torch._weight_int8pack_mm(x2, self.qweight[idx], self.scales_bf16[idx])
-        if m <= DECODE_ROWS and self.packed is not None:
-            return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        return F.linear(x2, self.dequantized(idx, _dequant_buffer(self) if self.ext_kernels else None))
+        """x2 (M, K) @ matrix ``idx``.T -> (M, N) in x2's dtype (bf16 on the stock paths)."""
+        return self._decode(idx, x2) if x2.shape[0] <= DECODE_ROWS else self._dequant_matmul(idx, x2)
+
+    def _decode_compiled(self, idx: tuple, x2: torch.Tensor) -> torch.Tensor:
+        if x2.dtype not in (torch.float32, torch.bfloat16):
+            x2 = x2.to(torch.bfloat16)
+        if self.mode == "int8":
+            return self.ops.int8_gemv(x2, self.qweight[idx], self.scales[idx])
+        return self.ops.int4_gemv(x2, self.qweight[idx], self.scales[idx], self.zeros[idx], self.group_size)
+
+    def _decode_int8pack(self, idx: tuple, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight[idx], self.scales_bf16[idx])
+
+    def _decode_int4pack(self, idx: tuple, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.packed, self.group_size,
+                                                 self.scales_and_zeros)
+
+    def _dequant_matmul(self, idx: tuple, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2.to(torch.bfloat16), self.dequantized(idx, _dequant_buffer(self)))
 
 
 class QuantLinear(_Quantized):
@@ -179,7 +183,7 @@ class QuantLinear(_Quantized):
     def kernel_weights(self) -> list[torch.Tensor] | None:
         """The tensors ``kernels.decode_layers`` reads for this format, or None without the
         compiled kernels."""
-        if not self.ext_kernels:
+        if "int8_gemv" not in self.ops.compiled:
             return None
         return [self.qweight, self.scales] if self.mode == "int8" else [self.qweight, self.scales, self.zeros]
 
@@ -197,12 +201,12 @@ class QuantExperts(_Quantized):
 
     def linear_multi(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Row j of x (or its single row) @ expert idx[j]'s matrix.T -> (J, N): one token's k
-        experts in one kernel call (decode). Needs the compiled kernels (``ext_kernels``)."""
+        experts in one kernel call (decode; the reference computes the same in fp32, slowly)."""
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.to(torch.bfloat16)
         if self.mode == "int8":
-            return kernels.int8_gemv_multi(x, self.qweight, self.scales, idx)
-        return kernels.int4_gemv_multi(x, self.qweight, self.scales, self.zeros, self.group_size, idx)
+            return self.ops.int8_gemv_multi(x, self.qweight, self.scales, idx)
+        return self.ops.int4_gemv_multi(x, self.qweight, self.scales, self.zeros, self.group_size, idx)
 
 
 def _contiguous(w: torch.Tensor) -> torch.Tensor:
@@ -243,8 +247,6 @@ def layer_mode(name: str, mode: str) -> str:
 def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
     """Swap the decoder's projections and the lm_head for QuantLinear (formats per
     ``layer_mode``) and MoE expert stacks for QuantExperts, before loading."""
-    from .model.text import SparseMoE
-
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; use one of {QUANT_MODES}")
     if model.config.tie_word_embeddings:
@@ -257,7 +259,7 @@ def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
         parent = model.get_submodule(parent_name) if parent_name else model
         m = layer_mode(name, mode)
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, m, group_size, device="meta"))
-    for moe in [m for m in model.modules() if isinstance(m, SparseMoE)]:
+    for moe in [m for m in model.modules() if _has_expert_stacks(m)]:
         for attr in ("gate_up_proj", "down_proj"):
             e, n, k = getattr(moe, attr).shape
             delattr(moe, attr)  # a parameter; the module takes its name
@@ -268,3 +270,10 @@ def finalize(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, _Quantized):
             m.finalize()
+
+
+def _has_expert_stacks(m: nn.Module) -> bool:
+    """A MoE block (``model.text.SparseMoE``, found by its shape: quant sits below the model):
+    stacked (E, N, K) expert parameters ``gate_up_proj`` and ``down_proj``."""
+    return all(isinstance(getattr(m, a, None), nn.Parameter) and getattr(m, a).dim() == 3
+               for a in ("gate_up_proj", "down_proj"))

@@ -12,6 +12,8 @@ import os
 import torch
 
 from .config import Qwen3VLConfig
+from .model.qwen3vl import Qwen3VLModel
+from .weights import checkpoint_shapes
 
 TINY_CONFIG = {
     "architectures": ["Qwen3VLForConditionalGeneration"],
@@ -91,10 +93,7 @@ GENERATION_CONFIG = {
 
 def random_tensors(config: dict, seed: int = 0, dtype=torch.float32, std: float = 0.02) -> dict[str, torch.Tensor]:
     """Released-layout tensor name -> random tensor for a config dict."""
-    from .model.qwen3vl import Qwen3VL
-    from .weights import checkpoint_shapes
-
-    meta = Qwen3VL.from_config(config, device="meta")
+    meta = Qwen3VLModel.from_config(config, device="meta")
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in checkpoint_shapes(meta).items():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import env
 from .config import Qwen3VLConfig
 
 
@@ -305,7 +306,7 @@ def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = N
     dest = _Destinations(model)
     total = sum(e.nbytes for name, e in found.items() if name in table)
     if progress is None:
-        progress = total > 256 * 2**20 and os.environ.get("QWEN3VL_NO_PROGRESS") is None
+        progress = total > 256 * 2**20 and not env.progress_disabled()
     bar = None
     if progress:
         from tqdm import tqdm

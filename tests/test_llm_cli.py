@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import qwen3vl
+from qwen3vl.engine.api import EngineStats, PromptTooLong, SamplingParams
 from qwen3vl.engine.request import Request
-from qwen3vl.engine.sampling import SamplingParams
 
 IMAGE_MSG = None
 
@@ -109,8 +109,11 @@ def test_streaming_never_splits_a_character(llm):
 
 def test_too_long_prompt_is_a_clear_error(home):
     small = qwen3vl.LLM(max_model_len=32)
-    with pytest.raises(ValueError, match="maximum model length is 32"):
+    with pytest.raises(ValueError, match="maximum model length is 32") as info:
         small.chat([{"role": "user", "content": "word " * 50}], max_tokens=4)
+    assert isinstance(info.value, PromptTooLong) and info.value.limit == 32 and info.value.prompt_tokens > 32
+    req = small.prompt_request("hi", small.sampling_params(max_tokens=100))
+    assert req.params.max_new_tokens == 32 - req.prompt_len  # the budget is shortened to what fits
 
 
 def run_cli(args, stdin="", home=None):
@@ -229,12 +232,30 @@ def test_aborting_a_waiting_request_delivers_its_final_delta(home):
     a = small.request([{"role": "user", "content": "first"}], params)
     b = small.request([{"role": "user", "content": "second"}], params)
     got = []
-    small.engine.add(a)
-    small.engine.add(b, got.append)
+    small.engine.submit(a)
+    small.engine.submit(b, got.append)
     small.engine.step()  # a takes the only slot; b waits
-    small.engine.abort(b)
+    assert small.engine.stats() == EngineStats(running=1, waiting=1)
+    small.engine.cancel(b)
+    assert small.engine.stats().waiting == 0  # a cancelled request no longer counts as waiting
     small.engine.step()
     assert got and got[-1].finished and got[-1].result.finish_reason == "abort"
     assert b.id not in small.engine._listeners
     small.engine.run_until_done([a])
     assert a.result.finish_reason == "length"
+
+
+def test_engine_requests_take_the_checkpoints_stop_ids(llm):
+    engine = llm.engine
+    assert engine.stop_token_ids == (151645, 151643)  # the demo checkpoint's generation_config.json
+    ids = llm.processor(text="hello", return_tensors="pt")["input_ids"]
+    req = engine.new_request({"input_ids": ids}, SamplingParams(max_new_tokens=3))
+    assert req.params.stop_token_ids == engine.stop_token_ids and not req.shares_prompt
+    own = engine.new_request({"input_ids": ids}, SamplingParams(max_new_tokens=3, stop_token_ids=[5]),
+                             shares_prompt=True)
+    assert own.params.stop_token_ids == (5,) and own.shares_prompt
+    engine.submit(req)
+    engine.submit(own)
+    engine.run_until_done([req, own])
+    assert engine.stats() == EngineStats(running=0, waiting=0)
+    assert req.result.usage.prompt_tokens == own.result.usage.prompt_tokens == ids.shape[1]

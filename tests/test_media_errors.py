@@ -69,7 +69,8 @@ def test_corrupt_video(processor, tmp_path):
 
 def test_truncated_video_still_usable_or_clear(processor, tmp_path):
     path = write_video(str(tmp_path / "full.mp4"), 30, fps=10)
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 3])
     try:

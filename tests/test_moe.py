@@ -237,7 +237,8 @@ def test_quantized_experts_close_to_fp32(quant_moe_ckpt, mode, bound):
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     for m in moes:
         assert isinstance(m.gate_up_proj, QuantExperts) and isinstance(m.down_proj, QuantExperts)
-        assert m.gate_up_proj.qweight.shape[:2] == (8, 192) and m.multi_kernels == kernels.available()
+        assert m.gate_up_proj.qweight.shape[:2] == (8, 192)
+        assert (m._one_token == m._one_token_multi) == kernels.available()  # chosen at load
     assert not any("experts" in n or n.endswith("gate_up_proj") for n, _ in model.named_parameters())
     out = model(**inputs).logits.float()
     valid = inputs["attention_mask"].bool()
@@ -269,18 +270,20 @@ def test_bf16_multi_expert_decode_matches_per_expert_path(quant_moe_ckpt):
     per-expert path (torch.mv) on the same weights."""
     from qwen3vl import kernels
 
-    if not kernels.available():
-        pytest.skip(f"no compiled kernels: {kernels.unavailable_reason()}")
+    built = kernels.build()
+    if not built:
+        pytest.skip(f"no compiled kernels: {built.reason}")
     model = qwen3vl.Qwen3VL.from_pretrained(quant_moe_ckpt, dtype="bfloat16")
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
-    assert moes and all(m.multi_kernels for m in moes)
+    assert moes and all(m._one_token == m._one_token_multi for m in moes)
     x = torch.randn(6, 1, 1, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
     for m in moes:
         m.requires_grad_(False)
         fast = [m(t) for t in x]
-        m.multi_kernels = False
+        ops = m.ops
+        m.use_ops(kernels.REFERENCE)
         slow = [m(t) for t in x]
-        m.multi_kernels = True
+        m.use_ops(ops)
         for a, b in zip(fast, slow):
             assert a.shape == (1, 1, 64) and rel_err(a.float(), b.float()) < 2e-2
 

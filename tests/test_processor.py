@@ -95,7 +95,8 @@ def test_sources_path_file_url_data_url(processor, ref, tmp_path):
     image = random_image(50, 70, seed=4)
     path = str(tmp_path / "x.png")
     image.save(path)
-    data = base64.b64encode(open(path, "rb").read()).decode()
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
     conv = [user(img(path), {"type": "image", "url": "file://" + path},
                  {"type": "image", "path": path}, img("data:image/png;base64," + data), txt("same?"))]
     a = processor.apply_chat_template(conv)
@@ -273,3 +274,40 @@ def test_continue_final_message(processor, ref):
                                          continue_final_message=True)
     theirs = ref.apply_chat_template(conv, tokenize=False, continue_final_message=True)
     assert ours == theirs and ours.endswith("One, two,")
+
+
+def test_one_media_part_parser_for_both_forms():
+    from qwen3vl.processor.options import parse_media_part
+
+    url = {"type": "image_url", "image_url": {"url": "a.png", "max_pixels": 4096, "detail": "low"}, "min_pixels": 1}
+    part = parse_media_part(url)
+    assert (part.kind, part.source, part.key, part.options) == ("image", "a.png", "image_url.url",
+                                                                {"max_pixels": 4096, "min_pixels": 1})
+    assert parse_media_part({"type": "video_url", "video_url": "v.mp4", "fps": 2}).options == {"fps": 2}
+    assert parse_media_part({"type": "video_url", "video_url": "v.mp4"}).key == "video_url"
+    assert parse_media_part({"path": "x", "type": "image"}).key == "path"
+    assert parse_media_part({"video": ["f1.png", "f2.png"]}).kind == "video"
+    assert parse_media_part({"type": "text", "text": "hi"}) is None
+
+
+def test_openai_part_options_and_missing_source(processor):
+    from qwen3vl.processor import UnsupportedMediaError
+
+    image = random_image(1000, 800, seed=7)
+    part = {"type": "image_url", "image_url": {"url": image, "max_pixels": 128 * 128}}
+    assert processor.apply_chat_template([user(part, txt("?"))])["image_grid_thw"].tolist() == [[1, 6, 8]]
+    with pytest.raises(UnsupportedMediaError, match="names no source"):
+        processor.apply_chat_template([user({"type": "image_url"}, txt("?"))])
+
+
+def test_vision_tokens_come_from_the_tokenizer(processor):
+    assert processor.image_token == "<|image_pad|>" and processor.image_token_id == 151655
+    assert processor.video_token_id == 151656 and processor.vision_start_token_id == 151652
+    tok = processor.tokenizer
+    assert tok.special_token("image_token", "<|image_pad|>") == "<|image_pad|>"
+    old = tok.config
+    tok.config = {**old, "extra_special_tokens": {"image_token": "<|vision_pad|>"}}
+    try:
+        assert tok.special_token("image_token", "<|image_pad|>") == "<|vision_pad|>"
+    finally:
+        tok.config = old

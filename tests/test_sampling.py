@@ -1,4 +1,4 @@
-"""Tests for qwen3vl.engine.sampling and qwen3vl.engine.stopping.
+"""Tests for qwen3vl.engine.sampling_params and qwen3vl.engine.sampling (stopping: test_sampling_stop.py).
 
 Distribution tests draw many samples at once by putting the same logits in thousands of rows of one batch, then
 compare empirical frequencies with the expected distribution.
@@ -16,13 +16,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qwen3vl.engine.sampling import (
-    DEFAULT_STOP_TOKEN_IDS,
-    Sampler,
-    SamplingParams,
-    SamplingState,
-)
-from qwen3vl.engine.stopping import StopChecker, StopResult
+from qwen3vl.engine.errors import InvalidParameter
+from qwen3vl.engine.sampling import Sampler, SamplingState
+from qwen3vl.engine.sampling_params import FALLBACK_STOP_TOKEN_IDS, SamplingParams, checkpoint_stop_ids
 
 N_DRAWS = 20_000
 TOL = 0.015  # about 5 standard deviations of a frequency estimated from N_DRAWS draws
@@ -50,8 +46,19 @@ def state_for(params: SamplingParams, prompt: list[int], vocab_size: int) -> Sam
     ("repetition_penalty", 0.0), ("max_new_tokens", 0), ("presence_penalty", 2.5), ("seed", "7"),
 ])
 def test_params_validation_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field) as info:
         SamplingParams(**{field: value})
+    assert isinstance(info.value, InvalidParameter) and info.value.param == field
+
+
+def test_invalid_parameter_in_the_callers_words():
+    with pytest.raises(InvalidParameter) as info:
+        SamplingParams(max_new_tokens=4, min_new_tokens=5)
+    err = info.value
+    assert str(err) == "SamplingParams.min_new_tokens must be an int in [0, max_new_tokens=4], got 5"
+    names = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+    assert err.describe(names) == "min_tokens must be an int in [0, max_tokens=4], got 5"
+    assert err.describe() == "min_new_tokens must be an int in [0, max_new_tokens=4], got 5"
 
 
 def test_params_min_new_tokens_above_max():
@@ -62,7 +69,11 @@ def test_params_min_new_tokens_above_max():
 def test_params_normalisation():
     p = SamplingParams(top_k=-1, stop="END", stop_token_ids=7)
     assert (p.top_k, p.stop, p.stop_token_ids) == (0, ("END",), (7,))
-    assert SamplingParams().stop_token_ids == DEFAULT_STOP_TOKEN_IDS
+    assert SamplingParams().stop_token_ids is None  # the checkpoint's, filled in by the engine
+    assert SamplingParams().stop_ids == FALLBACK_STOP_TOKEN_IDS  # the last resort where nothing fills them in
+    assert SamplingParams(stop_token_ids=()).stop_ids == ()
+    assert SamplingParams().with_default_stops((2,)).stop_token_ids == (2,)
+    assert SamplingParams(stop_token_ids=[3]).with_default_stops((2,)).stop_token_ids == (3,)
     assert SamplingParams(temperature=0).greedy and SamplingParams(do_sample=False).greedy
     assert not SamplingParams().greedy
 
@@ -74,9 +85,17 @@ def test_from_generation_config():
     assert (p.temperature, p.top_k, p.top_p, p.max_new_tokens, p.seed) == (0.7, 20, 0.9, 8, None)
     assert p.stop_token_ids == (151645, 151643) and p.do_sample
     assert SamplingParams.from_generation_config({"eos_token_id": 2}).stop_token_ids == (2,)
+    assert SamplingParams.from_generation_config({}).stop_token_ids is None
     assert SamplingParams.from_generation_config(config, do_sample=False).greedy
     with pytest.raises(TypeError, match="max_tokens.*topk"):
         SamplingParams.from_generation_config(config, topk=3, max_tokens=5)
+
+
+def test_checkpoint_stop_ids_first_that_names_one():
+    assert checkpoint_stop_ids([151645, 151643], 151645, 7) == (151645, 151643)
+    assert checkpoint_stop_ids(None, 5, 7) == (5,)
+    assert checkpoint_stop_ids(None, None, 7) == (7,)
+    assert checkpoint_stop_ids(None, [], None) == FALLBACK_STOP_TOKEN_IDS
 
 
 # --- individual sampling parameters ---------------------------------------------------------------------------
@@ -300,92 +319,6 @@ def test_warper_chain_matches_transformers():
     for row, p in enumerate(params):
         hf = hf_chain(p)(torch.zeros(1, 1, dtype=torch.long), logits[row:row + 1].clone())
         assert torch.equal(ours[row:row + 1], hf), f"row {row}: {p}"
-
-
-# --- stopping ---------------------------------------------------------------------------------------------------
-
-
-def feed(checker: StopChecker, tokens: list[tuple[int, str]]) -> list[StopResult]:
-    results = []
-    for token_id, delta in tokens:
-        results.append(checker.update(token_id, delta))
-        if results[-1].finished:
-            break
-    return results
-
-
-def test_stop_string_spanning_tokens_is_excluded():
-    checker = StopChecker(SamplingParams(stop=["###", "STOP"]))
-    results = feed(checker, [(1, "Hello S"), (2, "T"), (3, "O"), (4, "P now"), (5, "never")])
-    assert [r.text for r in results] == ["Hello ", "", "", ""]
-    assert results[-1] == StopResult("", True, "stop")
-    assert checker.text == "Hello " and checker.finish_reason == "stop"
-
-
-def test_partial_stop_string_is_held_then_released():
-    checker = StopChecker(SamplingParams(stop=["</answer>"]))
-    results = feed(checker, [(1, "a </an"), (2, "swer"), (3, "x> b"), (4, " c</answer>tail")])
-    assert [r.text for r in results] == ["a ", "", "</answerx> b", " c"]
-    assert results[-1].finish_reason == "stop" and checker.text == "a </answerx> b c"
-
-
-def test_earliest_stop_string_wins():
-    checker = StopChecker(SamplingParams(stop=["world", "lo w"]))
-    assert checker.update(1, "hello world") == StopResult("hel", True, "stop")
-
-
-def test_stop_token_id_releases_held_text():
-    checker = StopChecker(SamplingParams(stop=["STOP"], stop_token_ids=[9]))
-    results = feed(checker, [(1, "abc ST"), (9, "<|im_end|>")])
-    assert [r.text for r in results] == ["abc ", "ST"]
-    assert results[-1].finish_reason == "stop" and checker.text == "abc ST"
-
-
-def test_default_stop_ids_end_the_sequence():
-    checker = StopChecker(SamplingParams())
-    assert checker.update(100, "hi") == StopResult("hi", False, None)
-    assert checker.update(151643, "") == StopResult("", True, "stop")
-    with pytest.raises(RuntimeError):
-        checker.update(5, "x")
-
-
-def test_length_finish_flushes_held_text():
-    checker = StopChecker(SamplingParams(max_new_tokens=3, stop=["STOP"]))
-    results = feed(checker, [(1, "a"), (2, "b"), (3, "ST"), (4, "OP")])
-    assert [r.text for r in results] == ["a", "b", "ST"]
-    assert results[-1] == StopResult("ST", True, "length") and checker.num_tokens == 3
-
-
-def test_stop_on_last_allowed_token_reports_stop():
-    checker = StopChecker(SamplingParams(max_new_tokens=2, stop_token_ids=[0]))
-    assert feed(checker, [(5, "x"), (0, "")])[-1].finish_reason == "stop"
-
-
-def test_min_new_tokens_in_stop_checker():
-    checker = StopChecker(SamplingParams(min_new_tokens=3, stop_token_ids=[0], stop=["!"]))
-    results = feed(checker, [(0, "<eos>"), (1, "!"), (2, "a!"), (3, "b")])
-    assert [r.finished for r in results] == [False, False, True]
-    assert checker.text == "<eos>!a" and checker.finish_reason == "stop"
-
-
-def test_sampler_and_stop_checker_together():
-    # How a generation loop wires the two together: sample, then feed each row's token to its checker.
-    vocab = 16
-    torch.manual_seed(7)
-    logits = torch.randn(2, vocab)
-    logits[:, 0] = 20.0  # token 0 is the stop id and dominates once allowed
-    params = [SamplingParams(seed=3, min_new_tokens=2, stop_token_ids=[0], max_new_tokens=10),
-              SamplingParams(do_sample=False, stop_token_ids=[0], max_new_tokens=10, min_new_tokens=4)]
-    state = SamplingState.new(params, [[1], [2]], vocab)
-    checkers = [StopChecker(p) for p in params]
-    sampler = Sampler()
-    while not all(c.finished for c in checkers):
-        ids = sampler(logits, state)
-        for checker, token in zip(checkers, ids.tolist()):
-            if not checker.finished:
-                checker.update(token, "" if token == 0 else f"<{token}>")
-    assert [c.num_tokens for c in checkers] == [3, 5]
-    assert all(c.finish_reason == "stop" for c in checkers)
 
 
 def test_fast_argmax_matches_torch_argmax_including_ties():

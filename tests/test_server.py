@@ -156,6 +156,21 @@ def mp4_bytes(frames: int = 8, size: int = 64, fps: int = 4) -> bytes:
     return buf.getvalue()
 
 
+def _post(url: str, body, headers: dict | None = None) -> httpx.Response:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return httpx.post(url, headers=headers, timeout=30, **kw)
+
+
+def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in resp.text
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
 def prompt_tokens(processor, messages: list[dict], **options) -> int:
     batch = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                           return_dict=True, return_tensors="pt", **options)
@@ -352,144 +367,3 @@ def test_client_timeout_frees_slot_of_non_streamed_request(server):
     while server.health()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.health()["running"] == 0
-
-
-# ---------------------------------------------------------------------------- errors
-BAD_REQUESTS = [
-    ("bad json", b"{not json", 400, None),
-    ("body not an object", [1, 2], 400, None),
-    ("no messages", {"model": MODEL_NAME}, 400, "messages"),
-    ("empty messages", {"messages": []}, 400, "messages"),
-    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
-    ("content wrong type", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-    ("unknown part", {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400,
-     "messages[0].content[0].type"),
-    ("temperature wrong type", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
-     "temperature"),
-    ("negative temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
-     "temperature"),
-    ("top_p zero", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
-    ("max_tokens zero", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    ("n zero", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
-    ("stop wrong type", {"messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
-    ("unreadable image", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAAAAAA"}}]}]}, 400, "messages"),
-    ("unreadable video", {"messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAAAAA"}}]}]}, 400, "messages"),
-    ("placeholder in text", {"messages": [{"role": "user", "content": "<|image_pad|>"}]}, 400, None),
-    ("unknown mm option", {"messages": [{"role": "user", "content": "hi"}],
-                           "mm_processor_kwargs": {"colour": 1}}, 400, "mm_processor_kwargs.colour"),
-    ("prompt too long", {"messages": [{"role": "user", "content": "word " * 4500}]}, 400, "messages"),
-    ("completion too long", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}, 400,
-     "max_tokens"),
-    ("unknown model", {"model": "gpt-7", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-    ("ftp url", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}]}]}, 400,
-     "messages[0].content[0].image_url.url"),
-    ("image url wrong type", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": 5}}]}]}, 400, "messages[0].content[0].image_url.url"),
-]
-
-
-def _post(url: str, body, headers: dict | None = None) -> httpx.Response:
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    return httpx.post(url, headers=headers, timeout=30, **kw)
-
-
-def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert "Traceback" not in resp.text
-    if param is not None:
-        assert err["param"] == param, err
-    return err
-
-
-@pytest.mark.parametrize("name,body,status,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_requests_get_openai_errors(server, name, body, status, param):
-    _assert_error(_post(server.url + "/v1/chat/completions", body), status, param)
-    assert server.health()["status"] == "ok"
-
-
-def test_bad_requests_leave_server_healthy(server):
-    for route in ("/v1/nothing", "/favicon.ico"):
-        _assert_error(httpx.get(server.url + route), 404)
-    _assert_error(httpx.get(server.url + "/v1/chat/completions"), 405)
-    err = _assert_error(_post(server.url + "/v1/chat/completions",
-                              {"messages": [{"role": "user", "content": "x " * 4500}]}), 400)
-    assert err["code"] == "context_length_exceeded"
-    _assert_error(_post(server.url + "/v1/completions", {"prompt": ""}), 400, "prompt")
-    with pytest.raises(openai.BadRequestError) as info:  # the SDK understands our error bodies
-        server.client().chat.completions.create(model=MODEL_NAME, messages=[], max_tokens=2)
-    assert info.value.body["param"] == "messages"
-    health = server.health()
-    assert health["running"] == 0 and health["waiting"] == 0
-    assert _ask(server.client(), 2)
-
-
-def test_api_key_required(keyed_server):
-    url = keyed_server.url + "/v1/chat/completions"
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    _assert_error(_post(url, body), 401)
-    _assert_error(_post(url, body, {"Authorization": "Bearer wrong"}), 401)
-    _assert_error(httpx.get(keyed_server.url + "/v1/models"), 401)
-    with pytest.raises(openai.AuthenticationError):
-        keyed_server.client("wrong").models.list()
-    resp = keyed_server.client("sesame").chat.completions.create(model="qwen3vl-demo", **body)
-    assert resp.choices[0].message.role == "assistant"
-    assert keyed_server.health()["status"] == "ok"  # the health probe needs no key
-
-
-@pytest.mark.parametrize("source", ["file:///etc/passwd", "/etc/passwd", "../../etc/passwd"])
-def test_local_media_refused_by_default(keyed_server, source):
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": source}}]}]}
-    err = _assert_error(_post(keyed_server.url + "/v1/chat/completions", body,
-                              {"Authorization": "Bearer sesame"}), 400)
-    assert err["code"] == "local_media_refused"
-
-
-def test_allowed_local_media_path(server, media_dir, tmp_path, processor):
-    inside = os.path.join(media_dir, "red.png")
-    with open(inside, "wb") as f:
-        f.write(png_bytes(64, 64))
-    outside = tmp_path / "secret.png"
-    outside.write_bytes(png_bytes(64, 64))
-    link = os.path.join(media_dir, "link.png")
-    if not os.path.islink(link):
-        os.symlink(outside, link)
-    client = server.client()
-    for source in (inside, "file://" + inside, "red.png"):  # relative paths are inside the folder
-        resp = client.chat.completions.create(model=MODEL_NAME, max_tokens=2, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": source}}]}])
-        assert resp.usage.prompt_tokens == prompt_tokens(processor, [
-            {"role": "user", "content": [{"type": "image", "image": inside}]}])
-    for source in (str(outside), "file://" + str(outside), link, os.path.join(media_dir, "..", outside.name)):
-        body = {"messages": [{"role": "user", "content": [{"type": "image", "image": source}]}]}
-        err = _assert_error(_post(server.url + "/v1/chat/completions", body), 400)
-        assert err["code"] == "local_media_refused", source
-
-
-def test_internal_errors_are_json_without_traceback(home):
-    """A failure inside the server becomes a plain JSON 500 (in-process app over a broken engine)."""
-    from fastapi.testclient import TestClient
-
-    from qwen3vl.server.app import create_app
-
-    class BrokenEngine:
-        max_model_len = 16
-
-        @property
-        def scheduler(self):
-            raise RuntimeError("engine exploded\nTraceback: secret")
-
-    class BrokenLLM:
-        is_demo = True
-        engine = BrokenEngine()
-
-    with TestClient(create_app(BrokenLLM(), "x"), raise_server_exceptions=False) as http:
-        resp = http.get("/health")
-        assert resp.status_code == 500
-        assert resp.json()["error"]["type"] == "server_error"
-        assert "secret" not in resp.text and "Traceback" not in resp.text
-        assert http.get("/").status_code == 200

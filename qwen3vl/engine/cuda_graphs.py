@@ -3,8 +3,9 @@
 A decode step is a few hundred small kernels; on a GPU their launch overhead, not the math,
 bounds batch-1 speed. A graph replays them in one launch, but needs fixed shapes and fixed
 memory: so the step reads its inputs from static buffers, attends over the WHOLE cache length
-with a mask built inside the graph from ``cache.valid`` (no data-dependent slicing), and writes
-its K/V at per-row positions (the same ``Scatter`` semantics the eager engine uses).
+with a mask built inside the graph from ``cache.valid`` (``Scatter(..., full_length=True)``: no
+data-dependent slicing), and writes its K/V at per-row positions, through the same
+``model.decode_step`` the eager runner uses.
 
 ``StaticDecodeStep`` is that shape-stable step; it runs eagerly on any device, which is how the
 CPU tests check it against the normal path. ``GraphedDecoder`` captures it per batch bucket.
@@ -13,28 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..model.text import AttnContext
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Scatter
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
-
-
-class _FullLengthScatter:
-    """Write one token per row at ``pos`` and attend over the full cache length."""
-
-    def __init__(self, cache: KVCache, pos: torch.Tensor):
-        b = pos.shape[0]
-        self.cache, self.pos, self.rows = cache, pos, torch.arange(b, device=pos.device)
-        cache.valid[self.rows, pos] = True
-        k = torch.arange(cache.max_len, device=pos.device)[None, :]  # (1, S)
-        self.mask = ((cache.valid[:b] & (k <= pos[:, None])) | (k == pos[:, None]))[:, None, None, :]  # (B,1,1,S)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        b = k.shape[0]
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[self.rows, :, self.pos] = k[:, :, 0]
-        vc[self.rows, :, self.pos] = v[:, :, 0]
-        return kc[:b], vc[:b]
 
 
 class StaticDecodeStep:
@@ -49,12 +31,8 @@ class StaticDecodeStep:
         self.logits: torch.Tensor | None = None
 
     def run(self) -> torch.Tensor:
-        m, b = self.model, self.tokens.shape[0]
-        cos, sin = m.rope(self.positions.view(1, b, 1).expand(3, b, 1), m.dtype)
-        win = _FullLengthScatter(self.cache, self.cache_pos)
-        dec = m.model.language_model
-        hidden = dec(dec.embed_tokens(self.tokens[:, None]), AttnContext(cos, sin, win.mask, win))
-        self.logits = m.lm_head(hidden[:, -1]).float()  # (B, V)
+        view = Scatter(self.cache, self.cache_pos, full_length=True)
+        self.logits = self.model.decode_step(self.tokens, self.positions, view)  # (B, V)
         return self.logits
 
     def load(self, tokens: torch.Tensor, positions: torch.Tensor, cache_pos: torch.Tensor) -> None:

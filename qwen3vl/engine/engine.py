@@ -1,53 +1,106 @@
 """The serving engine: requests in, token deltas out, with continuous batching.
 
-``Engine.step()`` admits at most one waiting request (its prefill), then decodes one token for
-every running request in a single batched forward pass. The sampling state of the decode batch
-is rebuilt only when its membership changes. ``Engine`` is used synchronously by ``LLM`` and from
-a background thread by the HTTP server (``start``/``submit``).
+``Engine.step()`` admits at most one waiting request (its prefill; or one prefill group, a padded
+batch prefilled in one pass), hands its first token to the listeners at once, then decodes one
+token for every running request in a single batched forward pass. The sampling state of the
+decode batch is rebuilt only when its membership changes. ``Qwen3VL.generate`` runs on a
+private engine too (``qwen3vl.engine.generate``): one loop and one stop implementation for both.
+
+The narrow API that ``LLM`` and the HTTP server use: ``new_request`` (raises ``PromptTooLong``),
+``submit`` (with an optional listener that receives every ``Delta``), ``cancel``, ``stats``,
+``max_model_len`` / ``max_num_seqs``, and the loops ``step`` / ``run_until_done`` (synchronous,
+``LLM``) and ``run_forever`` (the server's stepping thread). ``submit``, ``cancel`` and ``stats``
+are safe to call from other threads while ``run_forever`` steps.
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
-from .request import Delta, Request
+from .errors import PromptTooLong
+from .request import Delta, PrefillGroup, Request
 from .runner import Runner
-from .sampling import Sampler, SamplingParams, SamplingState
+from .sampling import Sampler, SamplingState
+from .sampling_params import SamplingParams, checkpoint_stop_ids
 from .scheduler import Scheduler
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # requests holding a KV slot
+    waiting: int  # requests queued for a slot
+
+
 class Engine:
-    def __init__(self, model, processor, max_num_seqs: int = 8, max_model_len: int | None = None):
+    def __init__(self, model, processor, max_num_seqs: int = 8, max_model_len: int | None = None,
+                 cuda_graphs: bool | None = None):
+        """``processor`` None: requests carry token ids only (no text), media token ids from the
+        model's config."""
         self.model, self.processor = model, processor
         self.max_model_len = max_model_len or min(model.config.text.max_position_embeddings, 8192)
-        self.runner = Runner(model, max_num_seqs, self.max_model_len)
+        self.runner = Runner(model, max_num_seqs, self.max_model_len, cuda_graphs)
         self.scheduler = Scheduler(max_num_seqs)
         self.sampler = Sampler()
         self.vocab = model.config.text.vocab_size
+        # The checkpoint's end-of-sequence ids, for requests that leave stop_token_ids unset.
+        self.tokenizer = None if processor is None else processor.tokenizer
+        self.stop_token_ids = checkpoint_stop_ids(model.generation_config.get("eos_token_id"),
+                                                  model.config.text.eos_token_id,
+                                                  None if processor is None else processor.tokenizer.eos_token_id)
+        ids = processor if processor is not None else model.config
+        self.media_token_ids = (ids.image_token_id, ids.video_token_id)
         self._rows: list[Request] = []  # decode batch membership, in slot order
         self._state: SamplingState | None = None
         self._lock = threading.Condition()
         self._listeners: dict[int, Callable[[Delta], None]] = {}
-        self._thread: threading.Thread | None = None
+
+    @property
+    def max_num_seqs(self) -> int:
+        return len(self.scheduler.slots)
 
     # ------------------------------------------------------------------ requests
-    def make_request(self, inputs: dict, params: SamplingParams, metadata: dict | None = None) -> Request:
-        t = inputs["input_ids"].shape[1]
+    def new_request(self, inputs: dict, params: SamplingParams, metadata: dict | None = None,
+                    shares_prompt: bool = False) -> Request:
+        """One processed prompt (``input_ids`` (1, T) and its media tensors) -> a request to ``submit``.
+
+        Unset stop token ids become the checkpoint's; a budget past ``max_model_len`` is shortened
+        to what fits. Raises ``PromptTooLong`` when not even one token fits.
+        """
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("one request holds one prompt")
-        if t + 1 > self.max_model_len:
-            raise ValueError(f"prompt has {t} tokens; the maximum model length is {self.max_model_len}")
-        # Never generate past the cache: shorten the budget to what fits.
-        room = self.max_model_len - t
-        if params.max_new_tokens > room:
-            params = SamplingParams(**{**params.__dict__, "max_new_tokens": room,
-                                       "min_new_tokens": min(params.min_new_tokens, room)})
-        p = self.processor
-        return Request(inputs, params, p.tokenizer, p.image_token_id, p.video_token_id, metadata)
+        params = self._fit(params, inputs["input_ids"].shape[1])
+        return Request(inputs, params, self.tokenizer, *self.media_token_ids, metadata, shares_prompt)
 
-    def add(self, req: Request, listener: Callable[[Delta], None] | None = None) -> Request:
+    def new_group(self, inputs: dict, params: list[SamplingParams]) -> list[Request]:
+        """A batch of B prompts (``input_ids`` (B, T), left-padded where ``attention_mask`` says so,
+        media tensors) -> B requests (``params[i]`` for row i) that are prefilled together into B
+        consecutive slots and then decode in lock-step; ``submit`` each."""
+        ids = inputs["input_ids"]
+        b, t = ids.shape
+        if len(params) != b:
+            raise ValueError(f"{len(params)} SamplingParams for a batch of {b}")
+        mask = inputs.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device, torch.bool)
+        group = PrefillGroup(inputs)
+        return [Request({"input_ids": ids[i][valid[i]][None]}, self._fit(p, t), self.tokenizer,
+                        *self.media_token_ids, group=group) for i, p in enumerate(params)]
+
+    def _fit(self, params: SamplingParams, t: int) -> SamplingParams:
+        """``params`` for a prompt taking t cache positions: the checkpoint's stop ids where unset,
+        the budget cut to what fits in ``max_model_len``."""
+        if t + 1 > self.max_model_len:
+            raise PromptTooLong(t, self.max_model_len)
+        params = params.with_default_stops(self.stop_token_ids)
+        room = self.max_model_len - t  # never generate past the cache
+        if params.max_new_tokens > room:
+            params = replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
+        return params
+
+    def submit(self, req: Request, listener: Callable[[Delta], None] | None = None) -> Request:
+        """Queue ``req``; ``listener`` (called on the stepping thread) gets each of its deltas."""
         with self._lock:
             if listener is not None:
                 self._listeners[req.id] = listener
@@ -55,54 +108,74 @@ class Engine:
             self._lock.notify()
         return req
 
-    def abort(self, req: Request) -> None:
-        """Stop a request now (e.g. its client went away); its slot is freed at the next step."""
+    def cancel(self, req: Request) -> None:
+        """Stop a request now (e.g. its client went away); its slot is freed at the next step, which
+        also delivers its final (``abort``) delta."""
         with self._lock:
             req.aborted = True
             self._lock.notify()
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(len(self.scheduler.running), self.scheduler.num_waiting())
 
     # ------------------------------------------------------------------ stepping
+    @torch.inference_mode()
     def step(self) -> list[tuple[Request, Delta]]:
-        out: list[tuple[Request, Delta]] = []
+        """Cancelled requests end, at most one admission is prefilled, every running request decodes
+        one token. -> every (request, delta) of the step, each already handed to its listener.
+        (Inference mode throughout: the sampler updates the step's logits and its state in place.)"""
         with self._lock:
-            for req in [r for r in self.scheduler.running if r.aborted]:
-                out.append((req, req.abort()))
+            out = [(req, req.abort()) for req in self.scheduler.running if req.aborted]
+            for req, _ in out:
                 self.scheduler.release(req)
-            for req in self.scheduler.drop_aborted_waiting():
-                out.append((req, req.abort()))
+            out += [(req, req.abort()) for req in self.scheduler.drop_aborted_waiting()]
             new = self.scheduler.admit()
-        if new is not None:
-            try:
-                out.append((new, self._prefill(new)))
-            except Exception as e:  # a bad prompt fails alone; LLM re-raises it to the caller
-                self.scheduler.release(new)
-                new.error = e
-                out.append((new, new.abort()))
+        if new:
+            out += self._prefill(new)
+        self._deliver(out)  # a new request's first token goes out before the decode step runs
         if self.scheduler.running:
-            out += self._decode()
-        for req, delta in out:
+            decoded = self._decode()
+            self._deliver(decoded)
+            out += decoded
+        return out
+
+    def _deliver(self, pairs: list[tuple[Request, Delta]]) -> None:
+        for req, delta in pairs:
             listener = self._listeners.get(req.id)
             if listener is not None:
                 listener(delta)
                 if delta.finished:
                     self._listeners.pop(req.id, None)
-        return out
 
     def _finish_if_done(self, req: Request, delta: Delta) -> Delta:
         if delta.finished:
             self.scheduler.release(req)
         return delta
 
-    def _prefill(self, req: Request) -> Delta:
-        logits, req.next_position = self.runner.prefill(req.slot, req.inputs)
-        req.cache_len = req.prompt_len
-        req.inputs = None  # pixel values are not needed any more
-        req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
-        token = int(self.sampler(logits[None], req.state)[0])
-        return self._finish_if_done(req, req.add_token(token))
+    def _prefill(self, reqs: list[Request]) -> list[tuple[Request, Delta]]:
+        """Prefill one request, or a group in one padded pass, and sample each one's first token.
+        A bad prompt fails alone (its requests end with ``error`` set; ``LLM`` re-raises it)."""
+        group = reqs[0].group
+        inputs = group.inputs if group is not None else reqs[0].inputs
+        try:
+            logits, next_position = self.runner.prefill_rows(reqs[0].slot, inputs)  # (B, V), (B,)
+        except Exception as e:
+            for req in reqs:
+                self.scheduler.release(req)
+                req.error = e
+            return [(req, req.abort()) for req in reqs]
+        out = []
+        for i, req in enumerate(reqs):
+            req.cache_len = inputs["input_ids"].shape[1]  # padded rows hold their padding too
+            req.next_position = int(next_position[i])
+            req.inputs = None  # pixel values are not needed any more
+            req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
+            token = int(self.sampler(logits[i : i + 1], req.state)[0])
+            out.append((req, self._finish_if_done(req, req.add_token(token))))
+        if group is not None:
+            group.inputs = None
+        return out
 
     def _batch_state(self, running: list[Request]) -> SamplingState:
         """The sampling state of the decode batch, rebuilt only when its membership changes."""
@@ -120,17 +193,21 @@ class Engine:
 
     def _decode(self) -> list[tuple[Request, Delta]]:
         running = sorted(self.scheduler.running, key=lambda r: r.slot)
-        width = self.scheduler.decode_width()
-        tokens = torch.zeros(width, dtype=torch.long)
-        positions = torch.zeros(width, dtype=torch.long)
-        cache_pos = torch.zeros(width, dtype=torch.long)
-        for r in running:
-            tokens[r.slot] = r.output_ids[-1]
-            positions[r.slot] = r.next_position
-            cache_pos[r.slot] = r.cache_len
-        logits = self.runner.decode(tokens, positions, cache_pos, int(cache_pos.max()) + 1)  # (width, V)
-        rows = torch.tensor([r.slot for r in running], device=logits.device)
-        next_ids = self.sampler(logits[rows], self._batch_state(running)).tolist()
+        slots = [r.slot for r in running]
+        # Per slot: last token, its MRoPE position, its cache index; free slots below the highest
+        # occupied one decode a dummy token (0, 0, 0).
+        rows = torch.tensor([[r.output_ids[-1] for r in running], [r.next_position for r in running],
+                             [r.cache_len for r in running]])  # (3, B)
+        dense = slots == list(range(len(slots)))
+        if not dense:
+            cols = torch.zeros(3, self.scheduler.decode_width(), dtype=torch.long)
+            cols[:, slots] = rows
+            rows = cols
+        end = max(r.cache_len for r in running) + 1
+        logits = self.runner.decode(rows[0], rows[1], rows[2], end)  # (width, V), ours to overwrite
+        if not dense:
+            logits = logits[torch.tensor(slots, device=logits.device)]
+        next_ids = self.sampler(logits, self._batch_state(running), scratch=True).tolist()
         out = []
         for r, tok in zip(running, next_ids):
             r.cache_len += 1
@@ -142,13 +219,7 @@ class Engine:
         while any(r.result is None for r in requests):
             self.step()
 
-    # ------------------------------------------------------------------ background loop (server)
-    def start(self) -> None:
-        """Run steps in a daemon thread whenever there is work."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self.run_forever, name="qwen3vl-engine", daemon=True)
-            self._thread.start()
-
+    # ------------------------------------------------------------------ the server's loop
     def run_forever(self) -> None:
         """Step whenever there is work, on the calling thread, until the process ends. (Stepping
         on the thread that loaded the model is measurably faster than on another one.)"""

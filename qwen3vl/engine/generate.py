@@ -1,19 +1,18 @@
-"""Lock-step generation for one batch: prefill once, then decode token by token with a static
-KV cache, each row stopping on its own (its later slots are filled with the pad id).
-
-This is what ``Qwen3VL.generate`` runs; the serving engine (continuous batching) reuses the same
-model pieces with per-slot cache windows instead.
+"""Lock-step generation for one batch (what ``Qwen3VL.generate`` runs), on the serving engine's
+loop: the rows are one prefill group of a private ``Engine`` sized for the batch (prefilled
+together, then decoded one token per step), with the engine's sampler and stop handling; each row
+stops on its own and its later positions are filled with the pad id.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from ..model.text import AttnContext
-from .kv_cache import KVCache, Window
-from .sampling import Sampler, SamplingParams, SamplingState
+from .engine import Engine
+from .request import Delta
+from .sampling_params import SamplingParams
 
 # Keys of a processor batch that the model consumes; others (e.g. mm_token_type_ids) are ignored.
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -38,59 +37,73 @@ def resolve_params(model, params: SamplingParams | None, **overrides) -> Samplin
 
 
 def pad_id(model) -> int:
-    pad = model.generation_config.get("pad_token_id")
+    """The checkpoint's pad id: generation_config.json's pad_token_id, else its (first) eos id,
+    else config.json's."""
+    gen = model.generation_config
+    pad = gen.get("pad_token_id")
     if pad is None:
-        eos = model.generation_config.get("eos_token_id", 151643)
-        pad = eos[0] if isinstance(eos, list) else eos
+        pad = gen.get("eos_token_id", model.config.text.pad_token_id or model.config.text.eos_token_id)
+    if isinstance(pad, list):
+        pad = pad[0]
+    if pad is None:
+        raise ValueError("the checkpoint names no pad or eos token id (generation_config.json / config.json)")
     return int(pad)
 
 
+class _Positions:
+    """Collects the rows' tokens as the engine delivers them and emits one ``Step`` per generated
+    position once every row has it (a finished row gives the pad id)."""
+
+    def __init__(self, b: int, pad: int, on_step: Callable[[Step], None] | None):
+        self.tokens: list[list[int]] = [[] for _ in range(b)]
+        self.reasons: list[str | None] = [None] * b
+        self.pad, self.on_step, self.emitted = pad, on_step, 0
+        self.ready: list[Step] = []
+
+    def add(self, row: int, delta: Delta) -> None:
+        self.tokens[row] += delta.token_ids
+        if delta.finished:
+            self.reasons[row] = delta.result.finish_reason
+        while all(len(t) > self.emitted or r is not None for t, r in zip(self.tokens, self.reasons)):
+            if all(len(t) <= self.emitted for t in self.tokens):
+                return  # every row finished
+            self._emit()
+
+    def _emit(self) -> None:
+        k = self.emitted
+        cols = [(t[k] if len(t) > k else self.pad,  # token
+                 r is not None and len(t) <= k + 1,  # finished at or before k
+                 r == "stop" and len(t) == k + 1)  # stopped at k
+                for t, r in zip(self.tokens, self.reasons)]
+        tokens, finished, stopped = torch.tensor(cols).t()  # (3, B)
+        step = Step(tokens, finished.bool(), stopped.bool())
+        self.emitted += 1
+        self.ready.append(step)
+        if self.on_step is not None:
+            self.on_step(step)  # at delivery time: a streamer sees each token when it exists
+
+
 @torch.inference_mode()
-def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingParams]) -> Iterator[Step]:
-    """Yield one ``Step`` per generated position until every row has stopped."""
+def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingParams],
+                  on_step: Callable[[Step], None] | None = None) -> Iterator[Step]:
+    """Yield one ``Step`` per generated position until every row has stopped (``on_step`` also
+    gets each Step, as soon as its tokens exist)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-    ids = inputs["input_ids"]
-    b, t = ids.shape
+    b, t = inputs["input_ids"].shape
     rows = params if isinstance(params, list) else [params] * b
-    if len(rows) != b:
-        raise ValueError(f"{len(rows)} SamplingParams for a batch of {b}")
-    max_new = max(p.max_new_tokens for p in rows)
-    device = model.device
-    mask = inputs.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-
-    prompt = model.prepare(**inputs)
-    cache = KVCache(model.config.text, b, t + max_new, model.dtype, device)
-    decoder = model.model.language_model
-    cos, sin = model.rope(prompt.positions, model.dtype)
-    win = Window(cache, slice(0, b), 0, mask.to(device), t)
-    hidden = decoder(prompt.embeds, AttnContext(cos, sin, win.mask, win), prompt.visual_mask, prompt.deepstack)
-    logits = model.lm_head(hidden[:, -1]).float()  # (B, V), owned here: reused as every step's buffer
-
-    state = SamplingState.new(rows, [ids[i][mask[i]] for i in range(b)], logits.shape[-1], device)
-    sampler = Sampler()
-    width = max(len(p.stop_token_ids) for p in rows)
-    stop_ids = torch.tensor([list(p.stop_token_ids) + [-1] * (width - len(p.stop_token_ids)) for p in rows],
-                            dtype=torch.long, device=device).view(b, width)  # (B, n_stop), -1 = none
-    limits = torch.tensor([p.max_new_tokens for p in rows], device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    pad = pad_id(model)
-    # Generated tokens are text: all three MRoPE rows advance together from each row's next
-    # position, so every step's rotary table is computed up front (one call, not one per step).
-    steps = prompt.next_position.to(device)[:, None] + torch.arange(max_new, device=device)  # (B, new)
-    cos_all, sin_all = model.rope(steps[None].expand(3, b, max_new), model.dtype)  # (B, new, D)
-    for step in range(max_new):
-        tokens = sampler(logits, state, scratch=True)  # (B,)
-        tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
-        stopped = (tokens[:, None] == stop_ids).any(1) & ~finished
-        finished = finished | stopped | (limits <= step + 1)
-        yield Step(tokens, finished, stopped)  # ``finished`` is rebound, never modified in place
-        if bool(finished.all()):
-            return
-        win = Window(cache, slice(0, b), t + step, None, 1)
-        x = decoder.embed_tokens(tokens[:, None])  # (B, 1, H)
-        hidden = decoder(x, AttnContext(cos_all[:, step : step + 1], sin_all[:, step : step + 1], win.mask, win))
-        logits.copy_(model.lm_head(hidden[:, -1]))  # into the same buffer: no fresh (B, V) pages per step
+    engine = Engine(model, None, max_num_seqs=b, max_model_len=t + max(p.max_new_tokens for p in rows),
+                    cuda_graphs=False)
+    positions = _Positions(b, pad_id(model), on_step)
+    reqs = engine.new_group(inputs, rows)
+    for i, req in enumerate(reqs):
+        engine.submit(req, lambda delta, i=i: positions.add(i, delta))
+    while any(r.result is None for r in reqs):
+        engine.step()
+        for r in reqs:
+            if r.error is not None:
+                raise r.error
+        yield from positions.ready
+        positions.ready.clear()
 
 
 def generate(model, batch: dict, params: SamplingParams | list[SamplingParams], streamer=None) -> torch.Tensor:
@@ -100,11 +113,8 @@ def generate(model, batch: dict, params: SamplingParams | list[SamplingParams], 
     ids = batch["input_ids"].to(model.device)
     if streamer is not None:
         streamer.put(ids.cpu())
-    steps = []
-    for s in stream_tokens(model, batch, params):
-        steps.append(s.tokens)
-        if streamer is not None:
-            streamer.put(s.tokens.cpu())
+    on_step = None if streamer is None else (lambda step: streamer.put(step.tokens))
+    steps = [s.tokens.to(ids.device) for s in stream_tokens(model, batch, params, on_step)]
     if streamer is not None:
         streamer.end()
     return torch.cat([ids, torch.stack(steps, 1)], dim=1) if steps else ids

@@ -12,18 +12,20 @@ continuous batch.
 """
 from __future__ import annotations
 
-import queue
 from collections.abc import Iterator
 
 from ..demo import demo_checkpoint, is_demo
-from ..model.qwen3vl import Qwen3VL, resolve_model_path
+from ..model.qwen3vl import resolve_model_path
 from ..processor import Processor
+from ..processor.options import MEDIA_OPTIONS
 from .engine import Engine
 from .generate import MODEL_INPUTS
+from .hf import Qwen3VL
 from .request import ChatResult, Delta, Request
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
-MEDIA_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels")
+# Keyword arguments of chat / stream_chat that reach the chat template.
+TEMPLATE_OPTIONS = ("add_vision_id", "tools", "enable_thinking")
 
 
 class LLM:
@@ -59,13 +61,18 @@ class LLM:
         # The model takes tensors; sampled-frame metadata stays with the request (ChatResult.metadata).
         model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs and k != "attention_mask"}
         metadata = {k: v for k, v in inputs.items() if k not in MODEL_INPUTS and k != "mm_token_type_ids"}
-        return self.engine.make_request(model_inputs, params, metadata)
+        return self.engine.new_request(model_inputs, params, metadata)
+
+    def prompt_request(self, prompt: str, params: SamplingParams) -> Request:
+        """Raw prompt text (no chat template; no media) into an engine request."""
+        ids = self.processor(text=prompt, return_tensors="pt")["input_ids"]
+        return self.engine.new_request({"input_ids": ids}, params)
 
     def _split(self, messages, sampling_params, kw):
         batched = bool(messages) and isinstance(messages[0], list)
         convs = messages if batched else [messages]
         mm = kw.pop("mm_processor_kwargs", None)
-        template = {k: kw.pop(k) for k in ("add_vision_id", "tools", "enable_thinking") if k in kw}
+        template = {k: kw.pop(k) for k in TEMPLATE_OPTIONS if k in kw}
         params = self.sampling_params(sampling_params, **kw)
         return batched, [self.request(c, params, mm, **template) for c in convs]
 
@@ -74,7 +81,7 @@ class LLM:
         """One conversation -> ChatResult; a list of conversations -> list of ChatResult."""
         batched, reqs = self._split(messages, sampling_params, kw)
         for r in reqs:
-            self.engine.add(r)
+            self.engine.submit(r)
         self.engine.run_until_done(reqs)
         for r in reqs:
             if r.error is not None:
@@ -88,10 +95,7 @@ class LLM:
         if batched:
             raise ValueError("stream_chat takes one conversation")
         req = reqs[0]
-        if self.engine._thread is not None:  # a background loop owns the engine: listen to it
-            yield from self._stream_from_thread(req)
-            return
-        self.engine.add(req)
+        self.engine.submit(req)
         try:
             while req.result is None:
                 for r, delta in self.engine.step():
@@ -101,21 +105,6 @@ class LLM:
                         yield delta
         finally:
             if req.result is None:  # the consumer stopped early
-                self.engine.abort(req)
+                self.engine.cancel(req)
                 while req.result is None:
                     self.engine.step()
-
-    def _stream_from_thread(self, req: Request) -> Iterator[Delta]:
-        q: queue.Queue[Delta] = queue.Queue()
-        self.engine.add(req, q.put)
-        try:
-            while True:
-                delta = q.get()
-                if req.error is not None:
-                    raise req.error
-                yield delta
-                if delta.finished:
-                    return
-        finally:
-            if req.result is None:
-                self.engine.abort(req)

@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from ..processor.tokenizer import IncrementalDetokenizer
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 from .stopping import StopChecker
 
 _ids = itertools.count()
@@ -46,20 +46,38 @@ class Delta:
         return self.result is not None
 
 
+class PrefillGroup:
+    """Requests whose prompts are prefilled together, as one left-padded batch ``inputs``
+    (input_ids (B, T), attention_mask, media tensors), into B consecutive slots: lock-step
+    ``generate``. Row i of the batch is ``requests[i]``."""
+
+    def __init__(self, inputs: dict):
+        self.inputs: dict | None = inputs
+        self.requests: list[Request] = []
+
+
 class Request:
+    """Create through ``Engine.new_request`` (or ``Engine.new_group``). ``shares_prompt``: one of several
+    choices (OpenAI ``n``) of one prompt, other than the first, so usage counts that prompt once.
+    ``tokenizer`` None: token ids only, no text (stop strings then never match)."""
+
     def __init__(self, inputs: dict, params: SamplingParams, tokenizer, image_token_id: int, video_token_id: int,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, shares_prompt: bool = False, group: PrefillGroup | None = None):
         self.id = next(_ids)
-        self.inputs = inputs  # one prompt: input_ids (1, T), pixel values, grids
+        self.inputs = inputs  # one prompt: input_ids (1, T) (its real tokens), pixel values, grids
         self.params = params
         ids = inputs["input_ids"][0]
         self.prompt_ids = ids
         self.usage = Usage(len(ids), 0, int((ids == image_token_id).sum()), int((ids == video_token_id).sum()))
         self.output_ids: list[int] = []
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.group = group
+        if group is not None:
+            group.requests.append(self)
         self.stop = StopChecker(params)
         self.result: ChatResult | None = None
         self.metadata = dict(metadata or {})
+        self.shares_prompt = shares_prompt
         # Engine bookkeeping.
         self.slot: int | None = None
         self.cache_len = 0  # tokens in this request's KV slot
@@ -75,14 +93,15 @@ class Request:
     def add_token(self, token: int) -> Delta:
         """Record a sampled token; returns the text it adds (stop strings withheld or cut)."""
         self.output_ids.append(token)
-        res = self.stop.update(token, self.detok.add(token))
+        res = self.stop.update(token, "" if self.detok is None else self.detok.add(token))
         text = res.text
-        if res.finished:
-            if res.finish_reason == "length" or token in self.params.stop_token_ids:
+        if res.finished and self.detok is not None:
+            if res.finish_reason == "length" or token in self.stop.stop_token_ids:
                 # Bytes of an unfinished character held back by the detokenizer still belong to the text.
                 tail = self.detok.flush()
                 text += tail
                 self.stop.text += tail
+        if res.finished:
             self._finish(res.finish_reason)
         return Delta(text, [token], self.result)
 

@@ -1,8 +1,9 @@
 """Next-token sampling for a decode batch whose rows each carry their own settings.
 
-``SamplingParams`` holds one request's settings. ``SamplingState`` holds the per-row tensors of a decode batch; it
-is built once whenever the batch composition changes (``new`` / ``select`` / ``concat``) and carries the per-row
-token counts that the penalties need. ``Sampler`` turns a batch of next-token logits into next token ids.
+``SamplingParams`` (``sampling_params.py``, re-exported here) holds one request's settings.
+``SamplingState`` holds the per-row tensors of a decode batch; it is built once whenever the batch composition
+changes (``new`` / ``select`` / ``concat``) and carries the per-row token counts that the penalties need.
+``Sampler`` turns a batch of next-token logits into next token ids.
 
 Logits are processed in the order Hugging Face ``generate`` uses with ``do_sample=True``, so that every setting
 means the same thing as there:
@@ -16,119 +17,15 @@ greedy search does (its penalties and min-length masking also apply without samp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# <|im_end|> and <|endoftext|>: the eos_token_id list of the Qwen3-VL checkpoints' generation_config.json.
-DEFAULT_STOP_TOKEN_IDS = (151645, 151643)
+from .sampling_params import SamplingParams
 
-# generation_config.json key -> SamplingParams field.
-_CONFIG_KEYS = {
-    "do_sample": "do_sample",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_new_tokens",
-    "min_new_tokens": "min_new_tokens",
-    "eos_token_id": "stop_token_ids",
-}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def _require(ok: bool, name: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"SamplingParams.{name} {rule}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Sampling and stopping settings of one request.
-
-    ``top_k`` 0 (or -1, stored as 0), ``top_p`` 1, ``min_p`` 0, ``repetition_penalty`` 1 and presence / frequency
-    penalty 0 disable the corresponding step. ``repetition_penalty`` follows HF (over prompt and generated tokens,
-    positive logits divided, negative ones multiplied); ``presence_penalty`` / ``frequency_penalty`` follow OpenAI /
-    vLLM (over generated tokens only: ``logit -= presence * (count > 0) + frequency * count``). ``stop`` accepts a
-    string or a sequence of strings; ``stop_token_ids`` an int or a sequence of ints.
-    """
-
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_new_tokens: int = 1024
-    min_new_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = DEFAULT_STOP_TOKEN_IDS
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # Normalise in place (the dataclass is frozen) so equal settings compare and hash equal.
-        stop_ids = self.stop_token_ids
-        object.__setattr__(self, "stop_token_ids", (stop_ids,) if _is_int(stop_ids) else tuple(stop_ids))
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if self.top_k == -1:
-            object.__setattr__(self, "top_k", 0)
-        self._validate()
-
-    def _validate(self) -> None:
-        _require(isinstance(self.do_sample, bool), "do_sample", "must be a bool", self.do_sample)
-        _require(_is_real(self.temperature) and self.temperature >= 0, "temperature",
-                 "must be >= 0 (0 means greedy)", self.temperature)
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an int >= 1, or 0 / -1 to disable",
-                 self.top_k)
-        _require(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
-        _require(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
-        _require(_is_real(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-                 "must be > 0 (1 disables it)", self.repetition_penalty)
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _require(_is_real(value) and -2 <= value <= 2, name, "must be in [-2, 2]", value)
-        _require(self.seed is None or _is_int(self.seed), "seed", "must be an int or None", self.seed)
-        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "must be an int >= 1",
-                 self.max_new_tokens)
-        _require(_is_int(self.min_new_tokens) and 0 <= self.min_new_tokens <= self.max_new_tokens,
-                 "min_new_tokens", f"must be an int in [0, max_new_tokens={self.max_new_tokens}]",
-                 self.min_new_tokens)
-        _require(all(_is_int(i) and i >= 0 for i in self.stop_token_ids), "stop_token_ids",
-                 "must be non-negative ints", self.stop_token_ids)
-        _require(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop)
-
-    @classmethod
-    def from_generation_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any) -> SamplingParams:
-        """Defaults from a ``generation_config.json`` dict, then per-call ``overrides`` (field names).
-
-        Keys used from ``config``: do_sample, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens,
-        min_new_tokens and eos_token_id (int or list, becomes ``stop_token_ids``); other keys are ignored. Null
-        values, in the config or as overrides, keep the default, so optional request fields can be passed through.
-        """
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        config = config or {}
-        values = {name: config[key] for key, name in _CONFIG_KEYS.items() if config.get(key) is not None}
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**values)
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+__all__ = ["Sampler", "SamplingParams", "SamplingState", "apply_penalties", "warp_logits", "fast_argmax"]
 
 
 def _penalty_needs(params: Sequence[SamplingParams]) -> tuple[bool, bool]:
@@ -153,7 +50,7 @@ def _prompt_mask(prompt_ids: Sequence[Sequence[int] | Tensor], vocab_size: int, 
 def _stop_id_columns(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Each row's stop ids as column indices (B, W) long, and which to mask (B, W) bool. Padding
     repeats the row's first id (the same -inf written twice), or is column 0 left unmasked."""
-    rows = [[i for i in p.stop_token_ids if i < vocab_size] for p in params]
+    rows = [[i for i in p.stop_ids if i < vocab_size] for p in params]
     width = max(1, max(len(r) for r in rows))
     cols = torch.tensor([r + [r[0] if r else 0] * (width - len(r)) for r in rows], dtype=torch.long)
     valid = torch.tensor([[bool(r)] * width for r in rows], dtype=torch.bool)

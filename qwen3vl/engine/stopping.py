@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from qwen3vl.engine.sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 
 class StopResult(NamedTuple):
@@ -41,11 +41,12 @@ class StopChecker:
     ``update(token_id, text_delta)`` is called once per generated token with the text that token added to the
     detokenized output. A stop token id or a stop string ends the sequence with "stop" (the stop token's text and
     the stop string are not emitted); reaching ``max_new_tokens`` ends it with "length" (a stop on that same token
-    wins). Before ``min_new_tokens`` tokens have been generated no stop condition applies.
+    wins). Before ``min_new_tokens`` tokens have been generated no stop condition applies. Stop token ids left
+    unset in ``params`` are the last-resort ones (``SamplingParams.stop_ids``); the engine fills in the checkpoint's.
     """
 
     def __init__(self, params: SamplingParams):
-        self.stop_token_ids = frozenset(params.stop_token_ids)
+        self.stop_token_ids = frozenset(params.stop_ids)
         self.stop = params.stop
         self.max_new_tokens = params.max_new_tokens
         self.min_new_tokens = params.min_new_tokens

@@ -1,4 +1,4 @@
-// AVX-512 helpers shared by the kernel sources (gemv.cpp, pointwise.cpp).
+// AVX-512 helpers shared by the kernel sources (matrix-vector products, attention, pointwise).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -19,6 +19,9 @@ ALWAYS_INLINE __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : 
 ALWAYS_INLINE __m512 load_bf16_ps(__mmask16 m, const bf16* p) {
   return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, p));
 }
+
+// 32 bfloat16 values as the operand type of the vdpbf16ps intrinsics.
+ALWAYS_INLINE __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // v rounded to bfloat16 (nearest even) and back: what a bf16 op's result holds.
 ALWAYS_INLINE __m512 round_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }

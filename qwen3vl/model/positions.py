@@ -34,6 +34,31 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
+def _place_block(pos: torch.Tensor, row_ids: torch.Tensor, row: int, cursor: int, end: int, p: int,
+                 block: tuple[int, int] | None, kind: int, count: int, is_image: bool) -> tuple[int, int]:
+    """Positions of one vision block (merged grid gh x gw) starting at ``cursor`` of a placeholder
+    run ending at ``end``: t-row p, h-row p + row index, w-row p + column index, written into pos
+    (3, n_real). -> (next text position, cursor after the block)."""
+    if block is None:
+        what = "image" if is_image else "video slice"
+        raise PlaceholderMismatch(
+            f"input_ids row {row} has more {what} placeholder blocks than the grids describe ({count - 1} given)"
+        )
+    gh, gw = block
+    n = gh * gw
+    if cursor + n > end or not bool((row_ids[cursor : cursor + n] == kind).all()):
+        raise PlaceholderMismatch(
+            f"input_ids row {row}: a placeholder run of {end - cursor} tokens does not match "
+            f"the grid's {n} tokens ({gh}x{gw} after merging)"
+        )
+    rr = torch.arange(gh).repeat_interleave(gw)
+    cc = torch.arange(gw).repeat(gh)
+    pos[0, cursor : cursor + n] = p
+    pos[1, cursor : cursor + n] = p + rr
+    pos[2, cursor : cursor + n] = p + cc
+    return p + max(gh, gw), cursor + n
+
+
 def mrope_positions(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -71,28 +96,9 @@ def mrope_positions(
             cursor = start
             while cursor < end:
                 kind = int(row_ids[cursor])
-                block = next(queues[kind], None)
                 counts[kind] += 1
-                if block is None:
-                    what = "image" if kind == image_token_id else "video slice"
-                    raise PlaceholderMismatch(
-                        f"input_ids row {row} has more {what} placeholder blocks than the grids describe "
-                        f"({counts[kind] - 1} given)"
-                    )
-                gh, gw = block
-                n = gh * gw
-                if cursor + n > end or not bool((row_ids[cursor : cursor + n] == kind).all()):
-                    raise PlaceholderMismatch(
-                        f"input_ids row {row}: a placeholder run of {end - cursor} tokens does not match "
-                        f"the grid's {n} tokens ({gh}x{gw} after merging)"
-                    )
-                rr = torch.arange(gh).repeat_interleave(gw)
-                cc = torch.arange(gw).repeat(gh)
-                pos[0, cursor : cursor + n] = p
-                pos[1, cursor : cursor + n] = p + rr
-                pos[2, cursor : cursor + n] = p + cc
-                p += max(gh, gw)
-                cursor += n
+                p, cursor = _place_block(pos, row_ids, row, cursor, end, p, next(queues[kind], None), kind,
+                                         counts[kind], kind == image_token_id)
         pos[:, cursor:] = torch.arange(p, p + len(real) - cursor)
         positions[:, row, real] = pos
         next_pos[row] = int(pos.max()) + 1 if len(real) else 0

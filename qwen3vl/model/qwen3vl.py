@@ -1,5 +1,6 @@
-"""The Qwen3-VL model: vision encoder + text decoder + lm_head, with the public entry points
-``Qwen3VL.from_pretrained``, ``Qwen3VL.from_config`` and ``model(**batch).logits``.
+"""The Qwen3-VL model: vision encoder + text decoder + lm_head, with the loaders
+(``from_pretrained``, ``from_config``), the reference-semantics ``model(**batch).logits`` and the
+one forward ``step`` (embeddings + positions + a cache view -> logits) that every caller shares.
 
 Module names mirror the released checkpoint (``model.visual``, ``model.language_model``,
 ``lm_head``) so the name table in ``weights.py`` stays a near-identity.
@@ -13,12 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import kernels, quant
+from ..allocator import advise_huge_pages, keep_heap
 from ..config import Qwen3VLConfig
 from ..weights import load_checkpoint
+from .cache_view import CacheView, Uncached
 from .positions import PlaceholderMismatch, mrope_positions
 from .rope import TextRope
-from .text import MLP, Attention, AttnContext, Linear, SparseMoE, TextDecoder
-from .vision import VisionAttention, VisionEncoder, VisionMLP
+from .text import AttnContext, Linear, TextDecoder
+from .vision import VisionEncoder
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -74,7 +78,10 @@ class Prompt:
     deepstack: list = field(default_factory=list)  # per layer (n_visual, H)
 
 
-class Qwen3VL(nn.Module):
+class Qwen3VLModel(nn.Module):
+    """The network (vision encoder, text decoder, lm_head) and its loaders. Generation lives a
+    layer up (``qwen3vl.engine.hf.Qwen3VL`` adds ``generate``)."""
+
     def __init__(self, config: Qwen3VLConfig):
         super().__init__()
         self.config = config
@@ -92,19 +99,17 @@ class Qwen3VL(nn.Module):
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
-    def materialize(self, device) -> "Qwen3VL":
+    def materialize(self, device) -> "Qwen3VLModel":
         """Allocate (uninitialised) storage for a meta-built model. The rotary tables are not
         buffers (see ``rope._Tables``), so nothing is left uninitialised but the weights."""
         self.to_empty(device=device)
         self.tie_weights()
         if torch.device(device).type == "cpu":
-            from ..allocator import advise_huge_pages
-
             advise_huge_pages([*self.parameters(), *self.buffers()])  # before the weights are written
         return self
 
     @classmethod
-    def from_config(cls, path_or_dict, device="meta", dtype=None) -> "Qwen3VL":
+    def from_config(cls, path_or_dict, device="meta", dtype=None) -> "Qwen3VLModel":
         """Architecture only. On the meta device nothing is allocated; on a real device the
         weights are random (normal, std 0.02), for demos and benchmarks."""
         config = path_or_dict if isinstance(path_or_dict, Qwen3VLConfig) else Qwen3VLConfig.from_pretrained(path_or_dict)
@@ -117,36 +122,21 @@ class Qwen3VL(nn.Module):
             model.select_kernels()
         return model.eval()
 
-    def select_kernels(self) -> None:
-        """Let bf16 CPU linears, decode attention and the pointwise passes of both towers use the
-        compiled kernels (built now, at load, so the first request does not pay for it; see
-        ``qwen3vl.kernels``)."""
-        from .. import kernels
-        from ..allocator import keep_heap
-
-        if self.model.language_model.embed_tokens.weight.device.type == "cpu":
+    def select_kernels(self, compiled: bool = True) -> kernels.Ops:
+        """Build the compiled CPU kernels now (at load, so the first request does not pay for it)
+        and hand every module the ops chosen for the model's dtype and device
+        (``qwen3vl.kernels.select``; ``compiled=False``: the reference ops, for comparisons). Decode
+        then runs dense layers in one call where every part runs on the kernels. Call again after
+        converting or moving the model (that returns its modules to the reference ops)."""
+        if self.device.type == "cpu":
             keep_heap()  # activations reused instead of re-faulted (see qwen3vl.allocator)
-        linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
-                   and m.weight.device.type == "cpu" and m.weight.is_contiguous()]
-        moes = [m for m in self.modules() if isinstance(m, SparseMoE) and _multi_kernel_experts(m)]
-        # Decode-step kernels for bf16 activations on CPU (the embeddings' dtype is the model's);
-        # the attention kernel needs head_dim % 32 == 0 (all released models: 128).
-        emb = self.model.language_model.embed_tokens.weight
-        bf16_cpu = emb.dtype == torch.bfloat16 and emb.device.type == "cpu"
-        steps = [m for m in self.modules() if bf16_cpu and (isinstance(m, MLP) or isinstance(m, Attention)
-                                                            and m.hd % 32 == 0)]
-        # Vision: the rotary pass (bf16 or fp32, bit-identical) and, in bf16, the tanh-GELU.
-        pos = self.model.visual.pos_embed.weight
-        vision = [m for m in self.model.visual.modules() if pos.device.type == "cpu" and (
-            isinstance(m, VisionAttention) or isinstance(m, VisionMLP) and pos.dtype == torch.bfloat16)]
-        if (linears or moes or steps or vision) and kernels.available():
-            for m in linears:
-                m.use_kernels = True
-            for m in moes:
-                m.multi_kernels = True
-            for m in steps + vision:
-                m.cpu_kernels = True
-            self.model.language_model.enable_step_kernels()  # batch-1 decode: dense layers in one call
+            kernels.build()
+        ops = kernels.select(self.dtype, self.device) if compiled else kernels.REFERENCE
+        for m in self.modules():
+            if isinstance(m, kernels.HoldsOps):
+                m.use_ops(ops)
+        self.model.language_model.enable_step_kernels()  # batch-1 decode: dense layers in one call
+        return ops
 
     @torch.no_grad()
     def init_random(self, std: float = 0.02, seed: int = 0) -> None:
@@ -161,7 +151,7 @@ class Qwen3VL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype="auto", device="cpu", progress: bool | None = None,
-                        quantization: str | None = None, group_size: int = 64) -> "Qwen3VL":
+                        quantization: str | None = None, group_size: int = 64) -> "Qwen3VLModel":
         """Load a checkpoint folder (or hub id). ``quantization``: None, "int8" or "int4"
         (weight-only, done while loading; see ``qwen3vl.quant``)."""
         path = resolve_model_path(os.fspath(path))
@@ -169,17 +159,13 @@ class Qwen3VL(nn.Module):
         with torch.device("meta"):
             model = cls(config).to(resolve_dtype(dtype, config))
         if quantization:
-            from ..quant import quantize_modules
-
-            quantize_modules(model, quantization, group_size)
+            quant.quantize_modules(model, quantization, group_size)
         model.materialize(device)
         load_checkpoint(model, path, progress=progress)
         if quantization:
-            from ..quant import finalize
-
             if config.tie_word_embeddings:  # the quantized lm_head gets its own copy of the table
                 model.lm_head.load_weight(None, model.model.language_model.embed_tokens.weight)
-            finalize(model)
+            quant.finalize(model)  # builds the compiled kernels: the decode path depends on them
         model.quantization = quantization
         model.select_kernels()
         gen = os.path.join(path, "generation_config.json")
@@ -253,74 +239,33 @@ class Qwen3VL(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 
+    def step(self, embeds: torch.Tensor, positions: torch.Tensor, view: CacheView, visual_mask=None,
+             deepstack=(), logits_to_keep: int = 0) -> torch.Tensor:
+        """The one forward step every caller shares (``forward``, generation, the serving runner,
+        CUDA-graph capture): input embeddings (B, T, H) at MRoPE positions (3, B, T) through the
+        decoder, keys and values going through the cache view ``view`` -> logits (B, T, V), or the
+        last ``logits_to_keep`` positions' (B, n, V). ``visual_mask`` (B, T) bool and ``deepstack``
+        (per layer (n_visual, H)): where the DeepStack features are added (prefill only)."""
+        cos, sin = self.rope(positions, embeds.dtype)  # (B, T, D) each
+        return self._run(embeds, cos, sin, view, visual_mask, deepstack, logits_to_keep)
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """``step`` for one new text token per row (its three MRoPE rows are equal): tokens,
+        positions (B,) long -> logits (B, V) float32."""
+        embeds = self.model.language_model.embed_tokens(tokens[:, None])  # (B, 1, H)
+        cos, sin = self.rope.text(positions[:, None], embeds.dtype)  # (B, 1, D) each
+        return self._run(embeds, cos, sin, view)[:, -1].float()
+
+    def _run(self, embeds, cos, sin, view: CacheView, visual_mask=None, deepstack=(), logits_to_keep: int = 0):
+        hidden = self.model.language_model(embeds, AttnContext(cos, sin, view), visual_mask, deepstack)
+        return self.logits(hidden, logits_to_keep)
+
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, logits_to_keep: int = 0, **unused) -> ModelOutput:
         """Full-sequence forward with reference semantics (no cache). Extra processor keys such as
         ``mm_token_type_ids`` are accepted and ignored: positions come from input_ids + grids."""
         p = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        cos, sin = self.rope(p.positions, p.embeds.dtype)
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = padded_causal_mask(attention_mask.to(self.device).bool())
-        hidden = self.model.language_model(p.embeds, AttnContext(cos, sin, mask), p.visual_mask, p.deepstack)
-        return ModelOutput(self.logits(hidden, logits_to_keep), p.next_position)
-
-
-    def generate(self, input_ids, attention_mask=None, sampling_params=None, **kwargs) -> torch.Tensor:
-        """Generate with reference semantics: -> (B, T + new) ids, finished rows padded with the
-        pad id. Settings (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, penalties,
-        seed, eos_token_id / stop_token_ids, min_new_tokens) default to generation_config.json.
-        ``streamer``: as in transformers, ``put(ids)`` with the prompt, then each step's tokens."""
-        from ..engine.generate import MODEL_INPUTS, generate, resolve_params
-
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        batch.update({k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs})
-        kwargs.pop("mm_token_type_ids", None)
-        streamer = kwargs.pop("streamer", None)
-        return generate(self, batch, resolve_params(self, sampling_params, **kwargs), streamer)
-
-    def generate_stream(self, tokenizer, input_ids, attention_mask=None, sampling_params=None, **kwargs):
-        """Like ``generate`` but yields text as it is produced: a str per step for one prompt, a
-        list of str (one per row) for a batch. Pieces never split a UTF-8 character and
-        concatenate to ``tokenizer.decode(new_ids, skip_special_tokens=True)``. ``tokenizer``: a
-        ``Processor`` or its ``.tokenizer``."""
-        from ..engine.generate import MODEL_INPUTS, resolve_params, stream_tokens
-        from ..processor.tokenizer import IncrementalDetokenizer
-
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        batch.update({k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs})
-        kwargs.pop("mm_token_type_ids", None)
-        params = resolve_params(self, sampling_params, **kwargs)
-        detoks = [IncrementalDetokenizer(tokenizer, skip_special_tokens=True) for _ in range(input_ids.shape[0])]
-        done = [False] * len(detoks)
-        for step in stream_tokens(self, batch, params):
-            pieces = []
-            for i, d in enumerate(detoks):
-                piece = "" if done[i] else d.add(int(step.tokens[i]))
-                if bool(step.finished[i]) and not done[i]:
-                    piece += d.flush()
-                    done[i] = True
-                pieces.append(piece)
-            yield pieces[0] if len(pieces) == 1 else pieces
-
-
-def _multi_kernel_experts(moe: SparseMoE) -> bool:
-    """Whether the compiled kernels can run this block's experts: bf16 CPU stacks, or quantized
-    experts that use the compiled kernels (``qwen3vl.quant``)."""
-    if isinstance(moe.gate_up_proj, torch.Tensor):
-        return all(p.dtype == torch.bfloat16 and p.device.type == "cpu" and p.is_contiguous()
-                   for p in (moe.gate_up_proj, moe.down_proj))
-    return bool(getattr(moe.gate_up_proj, "ext_kernels", False))
-
-
-def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
-    """valid: (B, T) bool -> (B, 1, T, T) bool: causal, padded keys hidden. A padded query
-    attends to itself only, so no row is empty (an empty row gives NaN in SDPA)."""
-    t = valid.shape[1]
-    idx = torch.arange(t, device=valid.device)
-    causal = idx[None, :] <= idx[:, None]  # (T, T)
-    mask = causal[None] & valid[:, None, :]
-    mask |= torch.eye(t, dtype=torch.bool, device=valid.device)[None]
-    return mask[:, None]
+        valid = None if attention_mask is None else attention_mask.to(self.device).bool()
+        logits = self.step(p.embeds, p.positions, Uncached(valid), p.visual_mask, p.deepstack, logits_to_keep)
+        return ModelOutput(logits, p.next_position)

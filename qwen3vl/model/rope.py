@@ -6,6 +6,9 @@ when i % 3 == 2 and i < 3*section[2], and from the t row otherwise ("interleaved
 
 Vision: head_dim/4 frequencies; the rotated half is [row-index angles | column-index angles],
 duplicated for the rotate-half pairing.
+
+Applying the rotation is an op of ``qwen3vl.kernels`` (``reference.apply_rotary`` /
+``rms_norm_rope`` / ``vision_rope``); this module builds the cos/sin tables.
 """
 from __future__ import annotations
 
@@ -23,16 +26,6 @@ def mrope_axis_map(head_dim: int, section: tuple[int, int, int], device=None) ->
     for row, offset in ((1, 1), (2, 2)):
         axis[offset : 3 * section[row] : 3] = row
     return axis
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., D); cos/sin broadcastable to x, same dtype as x."""
-    return x * cos + rotate_half(x) * sin
 
 
 class _Tables:
@@ -56,6 +49,7 @@ class TextRope:
     def __init__(self, head_dim: int, theta: float, section: tuple[int, int, int]):
         self.tables = _Tables(inv_freq=inverse_frequencies(head_dim, theta, "cpu"),
                               axis=mrope_axis_map(head_dim, tuple(section), "cpu"))
+        self._text: dict = {}  # (device, dtype) -> cos, sin (positions, head_dim) for text tokens
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (3, B, T) int -> cos, sin: (B, T, head_dim) in ``dtype``."""
@@ -65,6 +59,22 @@ class TextRope:
         angles = per_freq.permute(1, 2, 0) * tab["inv_freq"]  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def text(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens, whose three rows are equal: positions (B, T) int -> cos, sin (B, T, head_dim),
+        the values ``__call__`` gives for the stacked rows, looked up in a table of every position
+        so far (decode steps: two gathers instead of eight small ops)."""
+        n = int(positions.max()) + 1
+        key = (positions.device, dtype)
+        cos, sin = self._text.get(key, (None, None))
+        if cos is None or cos.shape[0] < n:
+            size = max(1024, 1 << (n - 1).bit_length())  # grows by doubling
+            angles = torch.arange(size, device=positions.device, dtype=torch.float32)[:, None] \
+                * self.tables.on(positions.device)["inv_freq"]  # (size, D/2)
+            angles = torch.cat((angles, angles), dim=-1)  # (size, D)
+            cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+            self._text[key] = (cos, sin)
+        return cos[positions], sin[positions]
 
 
 class VisionRope:

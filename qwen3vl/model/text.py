@@ -19,58 +19,48 @@ from torch import nn
 
 from .. import kernels
 from ..config import TextConfig
+from ..kernels import HoldsOps, reference
+from .cache_view import CacheView
+
+# Every module that calls kernel ops holds ``ops`` (``qwen3vl.kernels.Ops``): the reference
+# implementations until the model's ``select_kernels`` hands out the compiled ones chosen at load
+# for its dtype and device (``use_ops``). Forwards call ``self.ops.<op>`` and never check.
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(HoldsOps, nn.Module):
+    """Normalise in float32 and scale in the input dtype, exactly like the reference (see
+    ``kernels.reference.rms_norm``)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32 and scale in the input dtype, exactly like the reference. ``weight``
-    is (D,) or per head (heads, D)."""
-    if x.dtype == torch.float32 and weight.dim() == 1:  # the fused kernel is bit-identical in fp32
-        return F.rms_norm(x, weight.shape, weight, eps)
-    if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.available():
-        # The compiled one-pass version (same arithmetic, sums in another order): decode pays
-        # ~10 ops' fixed costs otherwise, prefill three passes over fp32 copies.
-        return kernels.rms_norm_bf16(x, weight, eps)
-    # Normalised by the fused fp32 kernel (bit-identical to x * rsqrt(mean(x^2) + eps), fewer
-    # ops: decode of small models is per-op overhead), rounded to x's dtype, then scaled.
-    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
-
-
-class Linear(nn.Linear):
+class Linear(HoldsOps, nn.Linear):
     """nn.Linear with matrix-vector paths for decode on CPU, where a few activation rows meet
-    every weight once and speed is how fast the weight streams from memory: the compiled bf16
-    kernel (``qwen3vl.kernels``) for up to 4 rows, else ``torch.mv`` for one bf16/fp16 row (27
-    vs 21 GB/s for the GEMM path on a 2B-shaped stack). ``use_kernels`` is set at load."""
+    every weight once and speed is how fast the weight streams from memory (``ops.linear``): the
+    compiled bf16 kernel for up to ``kernel_rows()`` rows, else ``torch.mv`` for one bf16/fp16 row."""
 
-    use_kernels = False
+    def use_ops(self, ops: kernels.Ops) -> None:
+        w = self.weight  # the compiled kernel reads a contiguous bf16 CPU weight
+        ok = w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+        self.ops = ops if ok else kernels.REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows <= 4 and self.bias is None and x.device.type == "cpu" and x.dtype != torch.float32:
-            if self.use_kernels and x.dtype == torch.bfloat16 and rows <= self.kernel_rows():
-                return kernels.bf16_gemv(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], self.out_features)
-            if rows == 1:
-                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     def kernel_rows(self) -> int:
-        """Most activation rows ``forward`` gives the compiled kernel (with ``use_kernels``): for
-        narrow inputs (the tiny test model) the GEMM wins from 3 rows."""
-        return 4 if self.in_features >= 256 else 2
+        """Most activation rows ``forward`` gives the compiled kernel (0 without it)."""
+        return self.ops.linear_rows(self.in_features)
 
     def kernel_weights(self) -> list[torch.Tensor] | None:
         """The weight as ``kernels.decode_layers`` takes it, or None when the layer does not run on
         the compiled kernels."""
-        return [self.weight] if self.use_kernels and self.bias is None else None
+        return [self.weight] if "linear" in self.ops.compiled and self.bias is None else None
 
 
 @dataclass
@@ -78,14 +68,17 @@ class AttnContext:
     """What every layer's attention needs for one forward call (computed once per call).
 
     cos, sin:  (B, T, D) rotary tables for the new tokens.
-    mask:      (B, 1, T, L) bool, True = may attend; None = plain causal over new tokens only.
-    cache:     a KV cache exposing ``write(layer, k, v) -> (k_all, v_all)`` or None.
+    view:      the KV cache view of this call (``qwen3vl.model.cache_view``): where keys and values
+               go, and the attention mask (None = plain causal over the new tokens only).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor | None
-    cache: object | None = None
+    view: CacheView
+
+    @property
+    def mask(self) -> torch.Tensor | None:  # (B, 1, T, L) bool, True = may attend
+        return self.view.mask
 
     def __post_init__(self):
         # Per-head broadcast forms, built once per call rather than in every layer. With the first
@@ -96,10 +89,9 @@ class AttnContext:
         self.rot_sin_heads = torch.cat((-self.sin[..., :half], self.sin[..., half:]), -1)[:, :, None, :]
 
 
-class Attention(nn.Module):
-    # bf16 on CPU with the compiled kernels (set at load, Qwen3VL.select_kernels): the fused q/k
-    # norm + rotary pass, and the decode attention kernel for a few new tokens.
-    cpu_kernels = False
+class Attention(HoldsOps, nn.Module):
+    """Grouped-query attention with per-head q/k RMS norm and rotary embedding (``ops``: the fused
+    q/k norm + rotary pass and the decode attention kernel for a few new tokens, in bf16 on CPU)."""
 
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -116,24 +108,12 @@ class Attention(nn.Module):
         qk, v = qkv.split((self.nh + self.nkv, self.nkv), dim=2)  # (B, T, nh+nkv, D), (B, T, nkv, D)
         # q and k heads normalised and rotated in one pass: per head this is exactly q_norm / k_norm
         # followed by the rotation, with half the kernel launches.
-        fused = self.cpu_kernels and qk.dtype == torch.bfloat16 and qk.device.type == "cpu"
-        if fused:  # the same arithmetic in one compiled pass
-            qk = kernels.rms_norm_rope_bf16(qk, self._qk_norm_weight(), self.q_norm.eps, ctx.cos_heads,
-                                            ctx.rot_sin_heads)
-        else:
-            qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
-            qk = qk * ctx.cos_heads + qk.roll(self.hd // 2, -1) * ctx.rot_sin_heads  # apply_rotary, see AttnContext
+        qk = self.ops.rms_norm_rope(qk, self._qk_norm_weight(), self.q_norm.eps, ctx.cos_heads, ctx.rot_sin_heads)
         qk = qk.transpose(1, 2)  # (B, nh+nkv, T, D)
         q, k = qk.split((self.nh, self.nkv), dim=1)
         v = v.transpose(1, 2)  # (B, nkv, T, D)
-        if ctx.cache is not None:
-            k, v = ctx.cache.write(self.layer, k, v)  # (B, nkv, L, D)
-        if fused and t <= 4 and (t == 1 or ctx.mask is not None):
-            o = kernels.decode_attention(q, k, v, ctx.mask)  # (B, nh, T, D)
-        elif ctx.mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.nkv != self.nh)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.nkv != self.nh)
+        k, v = ctx.view.write(self.layer, k, v)  # (B, nkv, L, D)
+        o = self.ops.attention(q, k, v, ctx.mask)  # (B, nh, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
@@ -153,10 +133,8 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-class MLP(nn.Module):
+class MLP(HoldsOps, nn.Module):
     """SwiGLU with gate and up fused into one projection."""
-
-    cpu_kernels = False  # bf16 on CPU with the compiled kernels: set at load (Qwen3VL.select_kernels)
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -165,14 +143,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up_proj(x)
-        if self.cpu_kernels and gu.dtype == torch.bfloat16 and gu.device.type == "cpu":
-            return self.down_proj(kernels.silu_mul_bf16(gu))  # one compiled pass, same rounding
-        gate, up = gu.split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))  # [gate | up] -> silu(gate) * up
 
 
-class SparseMoE(nn.Module):
+class SparseMoE(HoldsOps, nn.Module):
     """Router -> softmax (float32) -> top-k -> (renormalise) -> SwiGLU experts.
 
     Expert weights are kept as (E, 2I, H) and (E, H, I) so each expert is a plain ``F.linear``
@@ -194,9 +168,22 @@ class SparseMoE(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed, for inspection
-        # Set at load (Qwen3VL.select_kernels) when the compiled kernels can run a token's k experts
-        # in one call (bf16 or quantized CPU experts).
-        self.multi_kernels = False
+
+    def use_ops(self, ops: kernels.Ops) -> None:
+        """At load: a single token's k experts in one compiled call per projection where the kernels
+        take these experts (bf16 CPU stacks, or quantized experts on the compiled kernels), else
+        one expert at a time (``_one_token``)."""
+        self.ops = ops
+        self.__dict__.pop("_one_token", None)
+        w = self.gate_up_proj
+        if isinstance(w, torch.Tensor):
+            multi = "bf16_gemv_multi" in ops.compiled and all(
+                p.dtype == torch.bfloat16 and p.device.type == "cpu" and p.is_contiguous()
+                for p in (w, self.down_proj))
+        else:  # quantized experts chose their kernels when they were packed (qwen3vl.quant)
+            multi = ops is not kernels.REFERENCE and "int8_gemv_multi" in w.ops.compiled
+        if multi:
+            self._one_token = self._one_token_multi
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, H) -> weights (N, k) in x.dtype, experts (N, k)."""
@@ -208,8 +195,7 @@ class SparseMoE(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert ``e``: (n, H) -> (n, H)."""
-        gate, up = _expert_linear(self.gate_up_proj, e, x).split(self.intermediate, dim=-1)
-        return _expert_linear(self.down_proj, e, F.silu(gate) * up)
+        return _expert_linear(self.down_proj, e, reference.silu_mul(_expert_linear(self.gate_up_proj, e, x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -235,14 +221,9 @@ class SparseMoE(nn.Module):
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x: (1, H), weights/experts: (k,). The k experts in routing order, accumulated in place;
         one host sync (``tolist``) for the k indices, no sort, no gather (copy) of weights.
-        With the compiled kernels (bf16 or quantized CPU experts) all k experts run in one call
-        per projection and there is no host sync at all. Otherwise ``torch.mv`` rather than
-        ``F.linear``: on CPU its bf16 matrix-vector kernel streams these small (6 MB / 3 MB)
-        expert matrices ~1.2-1.4x faster (measured at 30B-A3B shapes)."""
-        if self.multi_kernels:  # all k experts in one kernel call per projection, no host sync
-            h = _experts_multi(self.gate_up_proj, x, experts)  # (k, 2I)
-            y = _experts_multi(self.down_proj, F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :], experts)
-            return (y * weights[:, None]).sum(0, keepdim=True)  # (k, H) -> (1, H)
+        ``torch.mv`` rather than ``F.linear``: on CPU its bf16 matrix-vector kernel streams these
+        small (6 MB / 3 MB) expert matrices ~1.2-1.4x faster (measured at 30B-A3B shapes).
+        ``use_ops`` may replace this with ``_one_token_multi``."""
         if not isinstance(self.gate_up_proj, torch.Tensor):  # quantized experts, stock kernels
             out = torch.zeros_like(x)
             for j, e in enumerate(experts.tolist()):
@@ -251,14 +232,20 @@ class SparseMoE(nn.Module):
         v = x[0]  # (H,)
         out = torch.zeros_like(v)
         for j, e in enumerate(experts.tolist()):
-            gate, up = torch.mv(self.gate_up_proj[e], v).split(self.intermediate)  # (I,), (I,)
-            out.add_(torch.mv(self.down_proj[e], F.silu(gate) * up) * weights[j])
+            h = torch.mv(self.gate_up_proj[e], v)  # (2I,) = [gate | up]
+            out.add_(torch.mv(self.down_proj[e], reference.silu_mul(h)) * weights[j])
         return out[None]  # (1, H)
 
+    def _one_token_multi(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``_one_token`` with the compiled kernels: all k experts in one call per projection, no
+        host sync at all."""
+        h = self._experts_multi(self.gate_up_proj, x, experts)  # (k, 2I)
+        y = self._experts_multi(self.down_proj, reference.silu_mul(h), experts)  # (k, H)
+        return (y * weights[:, None]).sum(0, keepdim=True)  # (k, H) -> (1, H)
 
-def _experts_multi(w, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """x (1 or k, K) @ the k ``experts``' matrices.T -> (k, N), one compiled-kernel call."""
-    return kernels.bf16_gemv_multi(x, w, experts) if isinstance(w, torch.Tensor) else w.linear_multi(x, experts)
+    def _experts_multi(self, w, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (1 or k, K) @ the k ``experts``' matrices.T -> (k, N), one compiled-kernel call."""
+        return self.ops.bf16_gemv_multi(x, w, experts) if isinstance(w, torch.Tensor) else w.linear_multi(x, experts)
 
 
 def _expert_linear(w, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -280,7 +267,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         if self._step is not None and x.shape[1] == 1 and x.shape[0] <= self._step.rows:
-            rows = getattr(ctx.cache, "decode_rows", None)
+            rows = ctx.view.decode_rows
             if rows is not None:
                 return _decode_step(x, ctx, rows, self._step, self.input_layernorm.eps)
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -293,7 +280,10 @@ class DecoderLayer(nn.Module):
         compiled CPU kernels: a dense MLP, bf16 activations, bf16 or quantized projections."""
         a, m = self.self_attn, self.mlp
         self._step = None
-        if not (isinstance(m, MLP) and a.cpu_kernels and m.cpu_kernels and kernels.available()):
+        # layer.cpp calls the kernels behind these ops; the attention kernel takes head_dim % 32 == 0.
+        norms_ops = (self.input_layernorm.ops, self.post_attention_layernorm.ops)
+        if not (isinstance(m, MLP) and a.hd % 32 == 0 and {"rms_norm_rope", "attention"} <= a.ops.compiled
+                and "silu_mul" in m.ops.compiled and all("rms_norm" in o.compiled for o in norms_ops)):
             return False
         linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
         weights = [lin.kernel_weights() for lin in linears]
@@ -322,10 +312,10 @@ class StepArgs(NamedTuple):
 
 def _decode_step(x: torch.Tensor, ctx: AttnContext, rows: tuple, step: StepArgs, eps: float) -> torch.Tensor:
     """x (B, 1, H): one token per row through the layers of ``step`` in one call. ``rows`` = (first
-    cache slot, each row's cache index, attention end), the cache window's ``decode_rows``."""
+    cache slot, each row's cache index, attention end), the cache view's ``decode_rows``."""
     slot, pos, end = rows
-    cache = ctx.cache.cache
-    return kernels.decode_layers(x, ctx.cos_heads, ctx.rot_sin_heads, cache.k, cache.v, slot, pos, end, ctx.mask,
+    k_stack, v_stack = ctx.view.stacks()  # (layers, slots, Hkv, S, D) each
+    return kernels.decode_layers(x, ctx.cos_heads, ctx.rot_sin_heads, k_stack, v_stack, slot, pos, end, ctx.mask,
                                  step.tensors, step.layout, eps, step.group_size)
 
 
@@ -358,7 +348,7 @@ class TextDecoder(nn.Module):
         visual_mask: (B, T) bool, where the deepstack features (each (n_visual, H)) are added.
         """
         if self._steps is not None and h.shape[1] == 1 and h.shape[0] <= self._steps.rows and not deepstack:
-            rows = getattr(ctx.cache, "decode_rows", None)
+            rows = ctx.view.decode_rows
             if rows is not None:
                 return self.norm(_decode_step(h, ctx, rows, self._steps, self.norm.eps))
         for i, layer in enumerate(self.layers):

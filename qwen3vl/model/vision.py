@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
 from ..config import VisionConfig
-from .rope import VisionRope, apply_rotary
+from ..kernels import HoldsOps
+from .rope import VisionRope
 
 
 class PatchEmbed(nn.Module):
@@ -36,8 +36,9 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
-class VisionAttention(nn.Module):
-    cpu_kernels = False  # on CPU with the compiled kernels: set at load (Qwen3VL.select_kernels)
+class VisionAttention(HoldsOps, nn.Module):
+    """Attention within each image / video slice; q and k rotated by ``ops.vision_rope`` (compiled
+    on CPU in bf16 and fp32, bit-identical to the reference: set at load, Qwen3VL.select_kernels)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -50,11 +51,7 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, D)
         v = qkv[:, 2]
         # The reference rotates in float32 whatever the model dtype (cos, sin: (N, D) float32).
-        if self.cpu_kernels and x.device.type == "cpu":
-            q, k = kernels.vision_rope(qkv, cos, sin)  # one pass, the same bits
-        else:
-            q = apply_rotary(qkv[:, 0].float(), cos[:, None], sin[:, None]).to(x.dtype)
-            k = apply_rotary(qkv[:, 1].float(), cos[:, None], sin[:, None]).to(x.dtype)
+        q, k = self.ops.vision_rope(qkv, cos, sin)  # (N, H, D) each
         out = torch.empty_like(q)
         # Attention never crosses images or video slices. Segments of equal length are batched
         # into one SDPA call, so a video (all slices equal) or many same-size images cost one call;
@@ -69,8 +66,9 @@ class VisionAttention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    cpu_kernels = False  # bf16 on CPU with the compiled kernels: set at load (Qwen3VL.select_kernels)
+class VisionMLP(HoldsOps, nn.Module):
+    """fc1 -> GELU -> fc2; the tanh-GELU is ``ops.gelu`` (compiled in bf16 on CPU: the stock bf16
+    one is ~4x slower)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -79,10 +77,7 @@ class VisionMLP(nn.Module):
         self.approximate = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_fc1(x)
-        if self.cpu_kernels and self.approximate == "tanh" and h.dtype == torch.bfloat16 and h.device.type == "cpu":
-            return self.linear_fc2(kernels.gelu_tanh_bf16(h))  # the stock bf16 tanh-GELU is ~4x slower
-        return self.linear_fc2(F.gelu(h, approximate=self.approximate))
+        return self.linear_fc2(self.ops.gelu(self.linear_fc1(x), self.approximate))
 
 
 class VisionBlock(nn.Module):

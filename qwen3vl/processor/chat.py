@@ -15,23 +15,21 @@ from functools import lru_cache
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-IMAGE_KEYS = ("image", "url", "path", "base64")
-VIDEO_KEYS = ("video", "url", "path")
-# per-item options a content block may carry (qwen-vl-utils names)
-IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-VIDEO_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels", "resized_height",
-                 "resized_width", "sample_fps")
+from .errors import UnsupportedMediaError
+from .options import IMAGE_KEYS, VIDEO_KEYS, parse_media_part, part_type
 
 
 def load_chat_template(path: str) -> str | None:
     """The template from chat_template.jinja, chat_template.json or tokenizer_config.json."""
     jinja_path = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja_path):
-        return open(jinja_path, encoding="utf-8").read()
+        with open(jinja_path, encoding="utf-8") as f:
+            return f.read()
     for name in ("chat_template.json", "tokenizer_config.json"):
         file = os.path.join(path, name)
         if os.path.isfile(file):
-            template = json.load(open(file, encoding="utf-8")).get("chat_template")
+            with open(file, encoding="utf-8") as f:
+                template = json.load(f).get("chat_template")
             if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
                 template = {t["name"]: t["template"] for t in template}
             if isinstance(template, dict):
@@ -78,20 +76,14 @@ def _normalize_block(block) -> dict:
     if isinstance(block, str):
         return {"type": "text", "text": block}
     block = {k: v for k, v in block.items() if v is not None}
-    kind = block.get("type")
-    if kind in ("image_url", "video_url") and kind in block:  # OpenAI form
-        info = block.pop(kind)
-        url = info.get("url", "") if isinstance(info, dict) else info
-        new = {"type": kind[:-4], "url": url}
-        if isinstance(info, dict):
-            new.update({k: v for k, v in info.items() if k in VIDEO_OPTIONS and v is not None})
-        new.update({k: v for k, v in block.items() if k != "type"})
-        return new
-    if kind is None:  # qwen-vl-utils allows {"image": ...} / {"video": ...} / {"text": ...}
-        for candidate in ("image", "video", "text"):
-            if candidate in block:
-                block["type"] = candidate
-                break
+    kind = part_type(block)
+    media = parse_media_part(block)
+    if media is not None and kind.endswith("_url"):  # OpenAI form -> Qwen form
+        rest = {k: v for k, v in block.items() if k not in ("type", kind)}
+        source = {} if media.source is None else {media.kind: media.source}
+        return {**rest, "type": media.kind, **source, **media.options}
+    if kind is not None:  # qwen-vl-utils allows {"image": ...} / {"video": ...} / {"text": ...}
+        block["type"] = kind
     return block
 
 
@@ -114,16 +106,15 @@ def extract_media(messages: list[dict]) -> list[MediaItem]:
         if not isinstance(content, list):
             continue
         for block in content:
-            kind = block.get("type")
-            if kind == "image":
-                keys, opts = IMAGE_KEYS, IMAGE_OPTIONS
-            elif kind == "video":
-                keys, opts = VIDEO_KEYS, VIDEO_OPTIONS
-            else:
+            media = parse_media_part(block) if isinstance(block, dict) else None
+            if media is None:
                 continue
-            for key in keys:
-                if key in block:
-                    items.append(MediaItem(kind, block[key], {o: block[o] for o in opts if o in block}))
+            if media.source is None:
+                keys = IMAGE_KEYS if media.kind == "image" else VIDEO_KEYS
+                index = sum(i.kind == media.kind for i in items)
+                raise UnsupportedMediaError(f"the content part names no source (one of the keys {list(keys)})",
+                                            kind=media.kind, index=index)
+            items.append(MediaItem(media.kind, media.source, media.options))
     return items
 
 

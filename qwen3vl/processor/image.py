@@ -134,15 +134,3 @@ def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | N
     frames = pixels.unsqueeze(0).expand(params.temporal_patch_size, th, tw, 3)
     rows = patchify_frames(frames, params)  # (gh*gw, 3*2*16*16)
     return rows, (1, th // params.patch_size, tw // params.patch_size)
-
-
-def preprocess_images(images: list[Image.Image], params: VisionParams, overrides: list[dict] | None = None):
-    """A list of RGB PIL images -> (pixel_values (sum N, 1536) float32, image_grid_thw (n, 3) int64)."""
-    overrides = overrides or [{} for _ in images]
-    rows, grids = [], []
-    for i, (image, kw) in enumerate(zip(images, overrides)):
-        r, g = preprocess_image(image, params, index=i, **kw)
-        rows.append(r)
-        grids.append(g)
-    pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)
-    return pixel_values, torch.tensor(grids, dtype=torch.int64)

@@ -144,10 +144,10 @@ class VideoClip:
     indices: list[int] = field(default_factory=list)  # source frame index of each kept frame
 
 
-Sampler = Callable[[int, float], Sequence[int]]  # (total_frames, fps) -> indices to keep
+FrameSampler = Callable[[int, float], Sequence[int]]  # (total_frames, fps) -> indices to keep
 
 
-def load_video(source, sampler: Sampler, *, index: int | None = None, sample_fps: float = 2.0,
+def load_video(source, sampler: FrameSampler, *, index: int | None = None, sample_fps: float = 2.0,
                timeout: float = DEFAULT_TIMEOUT) -> VideoClip:
     """Any supported video source -> :class:`VideoClip` of the frames ``sampler`` picks.
 
@@ -248,7 +248,7 @@ def _decode_frames(target, wanted: Sequence[int], err: dict) -> tuple[dict[int, 
     return kept, seen
 
 
-def _decode_video(target, sampler: Sampler, err: dict) -> VideoClip:
+def _decode_video(target, sampler: FrameSampler, err: dict) -> VideoClip:
     total, fps = _probe(target, err)
     indices = [int(i) for i in sampler(total, fps)]
     kept, seen = _decode_frames(target, indices, err)

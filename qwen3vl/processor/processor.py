@@ -17,14 +17,13 @@ from . import chat
 from .chat import MediaItem
 from .image import VisionParams, preprocess_image
 from .media import load_image, load_video
+from .options import CALL_OPTIONS
 from .tokenizer import Tokenizer
 from .video import VideoParams, preprocess_video, sample_indices, video_placeholder
 
-IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-# processing options accepted per call; any other keyword goes to the chat template
-CALL_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames", "total_pixels", "timeout")
-_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+# Vision tokens: the tokenizer config's (image_token, ...), else these, Qwen3-VL's; ids come from the tokenizer.
+DEFAULT_VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                         "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
 
 
 class BatchFeature(dict):
@@ -50,7 +49,10 @@ def _move(value, device, dtype):
 
 
 def _read_json(path: str) -> dict:
-    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 class Processor:
@@ -62,8 +64,14 @@ class Processor:
         self.image_params = image_params or VisionParams()
         self.video_params = video_params or VideoParams(VisionParams(min_pixels=4096, max_pixels=25165824))
         self.chat_template = chat_template
-        ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END])
+        tokens = [tokenizer.special_token(name, default) for name, default in DEFAULT_VISION_TOKENS.items()]
+        self.image_token, self.video_token, self.vision_start_token, self.vision_end_token = tokens
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        missing = [t for t, i in zip(tokens, ids) if i is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no token {missing[0]!r}")
         self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id = ids
+        self._placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "Processor":
@@ -153,8 +161,8 @@ class Processor:
             videos = self._process_videos(video_items, options)
             data["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos], 0)  # (sum N, 1536)
             data["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.int64)
-            video_texts = [video_placeholder(v, self.video_params, VIDEO_TOKEN, VISION_START, VISION_END)
-                           for v in videos]
+            video_texts = [video_placeholder(v, self.video_params, self.video_token, self.vision_start_token,
+                                             self.vision_end_token) for v in videos]
             metadata = [{"frames_indices": v.indices, "timestamps": v.timestamps, "fps": v.fps,
                          "total_num_frames": v.total_frames} for v in videos]
         texts = self._expand_placeholders(texts, image_tokens, video_texts)
@@ -205,17 +213,17 @@ class Processor:
 
     def _expand_placeholders(self, texts: list[str], image_tokens: list[int], video_texts: list[str]):
         """Replace the i-th ``<|image_pad|>`` by its n pads and the j-th ``<|video_pad|>`` by its slices."""
-        n_img = sum(t.count(IMAGE_TOKEN) for t in texts)
-        n_vid = sum(t.count(VIDEO_TOKEN) for t in texts)
+        n_img = sum(t.count(self.image_token) for t in texts)
+        n_vid = sum(t.count(self.video_token) for t in texts)
         if n_img != len(image_tokens) or n_vid != len(video_texts):
             raise ValueError(f"the prompt has {n_img} image and {n_vid} video placeholders but "
                              f"{len(image_tokens)} images and {len(video_texts)} videos were given")
         images, videos = iter(image_tokens), iter(video_texts)
         out = []
         for text in texts:
-            parts = _PLACEHOLDER.split(text)
+            parts = self._placeholder.split(text)
             for k in range(1, len(parts), 2):
-                parts[k] = IMAGE_TOKEN * next(images) if parts[k] == IMAGE_TOKEN else next(videos)
+                parts[k] = self.image_token * next(images) if parts[k] == self.image_token else next(videos)
             out.append("".join(parts))
         return out
 

@@ -26,6 +26,7 @@ class Tokenizer:
         self._tok = backend
         self.config = config or {}
         self._register_added_tokens(self.config.get("added_tokens_decoder") or {})
+        # Qwen's ChatML tokens where the config names none (a bare tokenizer.json).
         self.eos_token = self._token_str(self.config.get("eos_token")) or "<|im_end|>"
         self.pad_token = self._token_str(self.config.get("pad_token")) or "<|endoftext|>"
         self.bos_token = self._token_str(self.config.get("bos_token"))
@@ -40,8 +41,18 @@ class Tokenizer:
     def from_pretrained(cls, path: str) -> "Tokenizer":
         backend = _HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
         cfg_path = os.path.join(path, "tokenizer_config.json")
-        config = json.load(open(cfg_path, encoding="utf-8")) if os.path.isfile(cfg_path) else {}
+        config = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
         return cls(backend, config)
+
+    def special_token(self, name: str, default: str) -> str:
+        """A named special token (e.g. ``image_token``) as the config names it, at its top level or in
+        ``extra_special_tokens``; ``default`` when it names none."""
+        extra = self.config.get("extra_special_tokens")
+        value = self.config.get(name) or (extra.get(name) if isinstance(extra, dict) else None)
+        return self._token_str(value) or default
 
     @staticmethod
     def _token_str(value) -> str | None:

@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..processor.chat import IMAGE_OPTIONS, VIDEO_OPTIONS
+from ..processor.options import MEDIA_OPTIONS, parse_media_part, part_type
+from .errors import ProtocolError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MM_OPTIONS = ("fps", "num_frames", "min_pixels", "max_pixels", "total_pixels")
 # OpenAI / vLLM request field -> SamplingParams field, with the JSON type each must have.
 SAMPLING_FIELDS = {
     "temperature": ("temperature", "number"), "top_p": ("top_p", "number"), "top_k": ("top_k", "integer"),
@@ -27,21 +27,9 @@ SAMPLING_FIELDS = {
     "seed": ("seed", "integer"), "min_tokens": ("min_new_tokens", "integer"),
     "stop_token_ids": ("stop_token_ids", "integer list"),
 }
+# SamplingParams field -> the request field a user wrote (for error messages).
+FIELD_NAMES = {dst: src for src, (dst, _) in SAMPLING_FIELDS.items()} | {"max_new_tokens": "max_tokens"}
 MAX_N = 16
-
-
-class ProtocolError(ValueError):
-    """A request the API refuses; becomes an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -103,28 +91,12 @@ class MediaPolicy:
 
 
 # ---------------------------------------------------------------------------- messages
-def _media_options(part: dict, info: dict, allowed: tuple[str, ...], param: str) -> dict:
-    opts = {}
-    for src in (info, part):
-        for k in allowed:
-            if src.get(k) is not None:
-                opts[k] = _check(src[k], "number", f"{param}.{k}")
-    return opts
-
-
-def _media_part(part: dict, kind: str, policy: MediaPolicy, param: str) -> dict:
+def _media_part(part: dict, policy: MediaPolicy, param: str) -> dict:
     """An image / video part in any accepted form -> {"type": kind, kind: source, **options}."""
-    ptype = part["type"]
-    info: dict = {}
-    if ptype.endswith("_url"):  # OpenAI form: {"type": "image_url", "image_url": {"url": ...}}
-        raw = part.get(ptype)
-        info = raw if isinstance(raw, dict) else {}
-        source = raw.get("url") if isinstance(raw, dict) else raw
-        where = f"{param}.{ptype}.url" if isinstance(raw, dict) else f"{param}.{ptype}"
-    else:  # Qwen form: {"type": "image", "image": ...} (or "url" / "path")
-        key = next((k for k in (kind, "url", "path") if part.get(k) is not None), kind)
-        source, where = part.get(key), f"{param}.{key}"
-    options = _media_options(part, info, IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS, param)
+    media = parse_media_part(part)
+    where = f"{param}.{media.key}"
+    options = {k: _check(v, "number", f"{param}.{k}") for k, v in media.options.items()}
+    source, kind = media.source, media.kind
     if kind == "video" and isinstance(source, list) and source:  # a video given as its frames
         frames = [policy.check(_check(f, "string", f"{where}[{i}]"), f"{where}[{i}]") for i, f in enumerate(source)]
         return {"type": "video", "video": frames, **options}
@@ -138,13 +110,11 @@ def _content_part(part: Any, policy: MediaPolicy, param: str) -> dict:
         return {"type": "text", "text": part}
     if not isinstance(part, dict):
         raise ProtocolError(f"'{param}' must be an object", param)
-    ptype = part.get("type") or next((k for k in ("text", "image", "video") if k in part), None)
+    ptype = part_type(part)
     if ptype == "text":
         return {"type": "text", "text": _check(part.get("text"), "string", f"{param}.text")}
-    if ptype in ("image_url", "image"):
-        return _media_part({**part, "type": ptype}, "image", policy, param)
-    if ptype in ("video_url", "video"):
-        return _media_part({**part, "type": ptype}, "video", policy, param)
+    if ptype in ("image_url", "image", "video_url", "video"):
+        return _media_part(part, policy, param)
     raise ProtocolError(f"unsupported content part type {ptype!r} (supported: text, image_url, video_url, "
                         "image, video)", f"{param}.type")
 
@@ -229,8 +199,8 @@ def parse_chat_request(body: Any, policy: MediaPolicy) -> GenerationRequest:
     req.messages = convert_messages(body.get("messages"), policy)
     mm = _optional(body, "mm_processor_kwargs", "object") or {}
     for k, v in mm.items():
-        if k not in MM_OPTIONS:
-            raise ProtocolError(f"unknown mm_processor_kwargs key {k!r} (allowed: {list(MM_OPTIONS)})",
+        if k not in MEDIA_OPTIONS:
+            raise ProtocolError(f"unknown mm_processor_kwargs key {k!r} (allowed: {list(MEDIA_OPTIONS)})",
                                 f"mm_processor_kwargs.{k}")
         _check(v, "number", f"mm_processor_kwargs.{k}")
     req.mm_processor_kwargs = mm
