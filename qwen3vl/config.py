@@ -161,10 +161,10 @@ class Qwen3VLConfig:
     model_type: str
     text: TextConfig
     vision: VisionConfig
+    image_token_id: int  # the placeholder ids the vision features replace
+    video_token_id: int
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
-    image_token_id: int = 151655
-    video_token_id: int = 151656
 
     @property
     def is_moe(self) -> bool:
