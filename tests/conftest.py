@@ -14,6 +14,19 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 from qwen3vl.random_checkpoint import TINY_CONFIG, write_random_checkpoint  # noqa: E402
 
 
+def fresh_home(tmp_path_factory) -> str:
+    """A new, empty QWEN3VL_HOME whose compiled-kernel cache is the test session's own (a link):
+    a home without it would compile the kernels again in every process that loads a model there,
+    minutes on a busy 2-core machine."""
+    from qwen3vl import env
+
+    path = str(tmp_path_factory.mktemp("qwen3vl_home"))
+    kernels = os.path.join(env.home(), "torch_extensions")
+    os.makedirs(kernels, exist_ok=True)
+    os.symlink(kernels, os.path.join(path, "torch_extensions"))
+    return path
+
+
 def tiny_config(**text_overrides) -> dict:
     cfg = copy.deepcopy(TINY_CONFIG)
     cfg["text_config"].update(text_overrides)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qwen3vl
+from conftest import fresh_home
 from qwen3vl.engine.api import EngineStats, PromptTooLong, SamplingParams
 from qwen3vl.engine.request import Request
 
@@ -17,7 +18,7 @@ IMAGE_MSG = None
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("qwen3vl_home"))
+    path = fresh_home(tmp_path_factory)
     old = os.environ.get("QWEN3VL_HOME")
     os.environ["QWEN3VL_HOME"] = path
     yield path
@@ -48,7 +49,8 @@ def test_demo_is_labelled_and_uses_real_tokenizer(llm):
 def test_chat_usage_counts_and_greedy_matches_model_generate(llm):
     msgs = image_message()
     res = llm.chat(msgs, max_tokens=16, temperature=0)
-    batch = llm.processor.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    batch = llm.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
     n_img = int((batch["input_ids"] == 151655).sum())
     assert res.usage.prompt_tokens == batch["input_ids"].shape[1]
     assert res.usage.image_tokens == n_img > 0 and res.usage.video_tokens == 0
@@ -152,14 +154,16 @@ def test_cli_scripted_repl(home, tmp_path):
 def test_model_generate_stream_concatenates_to_generate(llm):
     model, proc = llm.model, llm.processor
     convs = [image_message("stream"), [{"role": "user", "content": "another one"}]]
-    batch_ = proc.apply_chat_template(convs, add_generation_prompt=True, return_tensors="pt")
+    batch_ = proc.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt", padding_side="left")
     t = batch_["input_ids"].shape[1]
     ids = model.generate(**batch_, max_new_tokens=24, do_sample=False)
     pieces = list(model.generate_stream(proc, **batch_, max_new_tokens=24, do_sample=False))
     for row in range(2):
         streamed = "".join(p[row] for p in pieces)
         assert streamed == proc.decode(ids[row, t:], skip_special_tokens=True)
-    single = proc.apply_chat_template(convs[1], add_generation_prompt=True, return_tensors="pt")
+    single = proc.apply_chat_template(convs[1], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                     return_tensors="pt")
     parts = list(model.generate_stream(proc, **single, max_new_tokens=5, do_sample=False))
     assert all(isinstance(p, str) for p in parts) and len(parts) == 5
 

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import fresh_home
+
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
@@ -57,7 +59,8 @@ class ServerProcess:
         raise RuntimeError(f"server not healthy after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path) as f:
             return f.read()
 
@@ -81,8 +84,10 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """A fresh QWEN3VL_HOME holding the demo checkpoint (built here once, then shared)."""
-    path = str(tmp_path_factory.mktemp("qwen3vl_home"))
+    """A fresh QWEN3VL_HOME holding the demo checkpoint (built here once, then shared). The compiled
+    kernels are the test session's own (a link to its kernel cache): a fresh home would compile
+    them again in each server process, minutes on a busy 2-core machine."""
+    path = fresh_home(tmp_path_factory)
     old = os.environ.get("QWEN3VL_HOME")
     os.environ["QWEN3VL_HOME"] = path
     from qwen3vl.demo import demo_checkpoint

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from conftest import fresh_home
 from test_server import ServerProcess, png_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def browser_page(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory):
-    home = str(tmp_path_factory.mktemp("qwen3vl_home_web"))
+    home = fresh_home(tmp_path_factory)
     srv = ServerProcess(home, "--max-model-len", "2048")
     yield srv
     srv.stop()
