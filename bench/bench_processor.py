@@ -99,8 +99,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from processor_fixtures import build_processor_dir, make_reference_processor
+    from processor_fixtures import build_processor_dir, import_torchvision, make_reference_processor
     from qwen3vl.processor import Processor
+
+    import_torchvision()  # test-only torchvision needs its op stub before transformers imports it
 
     tmp = tempfile.mkdtemp(prefix="qwen3vl_bench_")
     model_dir = args.model_dir or build_processor_dir(os.path.join(tmp, "model"))

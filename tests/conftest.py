@@ -12,6 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from qwen3vl.random_checkpoint import TINY_CONFIG, write_random_checkpoint  # noqa: E402
+from processor_fixtures import import_torchvision  # noqa: E402
+
+import_torchvision()  # test-only torchvision (reference video processor) needs its op stub before transformers
 
 
 def fresh_home(tmp_path_factory) -> str:

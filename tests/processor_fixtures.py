@@ -46,6 +46,43 @@ def processor(processor_dir):
     return Processor.from_pretrained(processor_dir)
 
 
+_TORCHVISION_STUB = []
+
+
+def import_torchvision():
+    """torchvision (test-only: the reference video processor and qwen-vl-utils need it), or None.
+
+    Against a +cpu torch its C++ ops do not load, and importing it fails on the fake (meta)
+    registration of ``torchvision::nms`` / ``qnms``; defining those two schemas first (a test-only
+    stub: nothing here runs them) lets the pure-Python transforms import.
+    """
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module("torchvision")
+    except ImportError:
+        return None
+    except RuntimeError:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    if not _TORCHVISION_STUB:
+        import torch
+
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+                       "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
+            try:
+                lib.define(schema)
+            except RuntimeError:
+                pass
+        _TORCHVISION_STUB.append(lib)
+    try:
+        return importlib.import_module("torchvision")
+    except (ImportError, RuntimeError):
+        return None
+
+
 def make_reference_processor(path: str):
     """transformers' Qwen3VLProcessor with the PIL image backend and no video processor
     (its video processor needs torchvision, which is not available here)."""

@@ -12,6 +12,9 @@ from qwen3vl.processor import (EmptyMediaError, ImageSizeError, MediaDecodeError
                                MediaNotFoundError, UnsupportedMediaError)
 
 
+TOK = dict(tokenize=True, return_dict=True)  # transformers' defaults return the prompt string
+
+
 def conv(*blocks):
     return [{"role": "user", "content": [*blocks, {"type": "text", "text": "?"}]}]
 
@@ -24,7 +27,7 @@ def test_corrupt_image_bytes(processor, tmp_path):
     path = tmp_path / "corrupt.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8)))
     with pytest.raises(MediaDecodeError) as info:
-        processor.apply_chat_template(conv(good(), {"type": "image", "image": str(path)}))
+        processor.apply_chat_template(conv(good(), {"type": "image", "image": str(path)}), **TOK)
     assert "image #1" in str(info.value) and "corrupt.png" in str(info.value)
     assert isinstance(info.value, ValueError) and info.value.index == 1
 
@@ -33,7 +36,7 @@ def test_text_file_named_jpg(processor, tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("this is not an image\n")
     with pytest.raises(MediaDecodeError, match=r"image #0 \(.*notes\.jpg\): not a readable image"):
-        processor.apply_chat_template(conv({"type": "image", "image": str(path)}))
+        processor.apply_chat_template(conv({"type": "image", "image": str(path)}), **TOK)
 
 
 def test_truncated_jpeg(processor, tmp_path):
@@ -41,30 +44,30 @@ def test_truncated_jpeg(processor, tmp_path):
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(MediaDecodeError, match="cut.jpg"):
-        processor.apply_chat_template(conv({"type": "image", "image": str(path)}))
+        processor.apply_chat_template(conv({"type": "image", "image": str(path)}), **TOK)
 
 
 def test_missing_file_and_empty_file(processor, tmp_path):
     with pytest.raises(MediaNotFoundError, match="no such file"):
-        processor.apply_chat_template(conv({"type": "image", "image": str(tmp_path / "nope.png")}))
+        processor.apply_chat_template(conv({"type": "image", "image": str(tmp_path / "nope.png")}), **TOK)
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     with pytest.raises(EmptyMediaError):
-        processor.apply_chat_template(conv({"type": "image", "image": str(empty)}))
+        processor.apply_chat_template(conv({"type": "image", "image": str(empty)}), **TOK)
 
 
 def test_zero_length_video(processor, tmp_path):
     path = tmp_path / "empty.mp4"
     path.write_bytes(b"")
     with pytest.raises(EmptyMediaError, match=r"video #0 \(.*empty\.mp4\)"):
-        processor.apply_chat_template(conv({"type": "video", "video": str(path)}))
+        processor.apply_chat_template(conv({"type": "video", "video": str(path)}), **TOK)
 
 
 def test_corrupt_video(processor, tmp_path):
     path = tmp_path / "junk.mp4"
     path.write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)))
     with pytest.raises(MediaDecodeError, match="junk.mp4"):
-        processor.apply_chat_template(conv({"type": "video", "video": str(path)}))
+        processor.apply_chat_template(conv({"type": "video", "video": str(path)}), **TOK)
 
 
 def test_truncated_video_still_usable_or_clear(processor, tmp_path):
@@ -74,7 +77,7 @@ def test_truncated_video_still_usable_or_clear(processor, tmp_path):
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 3])
     try:
-        out = processor.apply_chat_template(conv({"type": "video", "video": str(cut)}))
+        out = processor.apply_chat_template(conv({"type": "video", "video": str(cut)}), **TOK)
     except MediaError as exc:  # a clear, typed error naming the file is fine too
         assert "cut.mp4" in str(exc)
     else:
@@ -88,18 +91,18 @@ def test_unreachable_url(processor):
     sock.close()  # nothing listens there now: connection refused
     url = f"http://127.0.0.1:{port}/cat.png"
     with pytest.raises(MediaFetchError, match=rf"image #0 \({url}\): could not fetch URL"):
-        processor.apply_chat_template(conv({"type": "image", "image": url}), timeout=5)
+        processor.apply_chat_template(conv({"type": "image", "image": url}), timeout=5, **TOK)
 
 
 def test_aspect_ratio_over_200(processor):
     with pytest.raises(ImageSizeError, match=r"image #1 .*aspect ratio.*300"):
-        processor.apply_chat_template(conv(good(), {"type": "image", "image": Image.new("RGB", (300, 1))}))
-    ok = processor.apply_chat_template(conv({"type": "image", "image": Image.new("RGB", (1, 150))}))
+        processor.apply_chat_template(conv(good(), {"type": "image", "image": Image.new("RGB", (300, 1))}), **TOK)
+    ok = processor.apply_chat_template(conv({"type": "image", "image": Image.new("RGB", (1, 150))}), **TOK)
     assert ok["image_grid_thw"].tolist() == [[1, 196, 2]]  # 150x1 -> 3136x32 px
 
 
 def test_bad_base64_and_unsupported_type(processor):
     with pytest.raises(MediaDecodeError):
-        processor.apply_chat_template(conv({"type": "image", "image": "data:image/png;base64,AAAAnotapng"}))
+        processor.apply_chat_template(conv({"type": "image", "image": "data:image/png;base64,AAAAnotapng"}), **TOK)
     with pytest.raises(UnsupportedMediaError, match="image #0"):
-        processor.apply_chat_template(conv({"type": "image", "image": 12345}))
+        processor.apply_chat_template(conv({"type": "image", "image": 12345}), **TOK)

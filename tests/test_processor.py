@@ -15,12 +15,20 @@ from processor_fixtures import (jpeg_bytes, make_reference_processor, processor,
 
 @pytest.fixture(scope="module")
 def ref(reference):
-    reference.tokenizer.padding_side = "left"  # our default is the generation layout
+    reference.tokenizer.padding_side = "right"  # transformers' default, ours too
     return reference
 
 
+# The calls below were written for our old defaults; transformers' (now ours) return the prompt string.
+OLD_DEFAULTS = dict(add_generation_prompt=True, tokenize=True, return_dict=True)
+
+
+def act(proc, conversation, **kw):
+    return proc.apply_chat_template(conversation, **{**OLD_DEFAULTS, **kw})
+
+
 def run_both(ours, ref, conversation, **kw):
-    a = ours.apply_chat_template(conversation, add_generation_prompt=True, **kw)
+    a = act(ours, conversation, add_generation_prompt=True, **kw)
     b = ref.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
                                 return_tensors="pt", padding=True, **kw)
     return a, b
@@ -99,7 +107,7 @@ def test_sources_path_file_url_data_url(processor, ref, tmp_path):
         data = base64.b64encode(f.read()).decode()
     conv = [user(img(path), {"type": "image", "url": "file://" + path},
                  {"type": "image", "path": path}, img("data:image/png;base64," + data), txt("same?"))]
-    a = processor.apply_chat_template(conv)
+    a = act(processor, conv)
     b = ref.apply_chat_template([user(img(image), img(image), img(image), img(image), txt("same?"))],
                                 add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     assert_same(a, b)
@@ -109,7 +117,7 @@ def test_numpy_and_torch_images(processor):
     image = random_image(64, 48, seed=8)
     arr = np.asarray(image)
     conv = [user(img(image), img(arr), img(torch.from_numpy(arr.copy()).permute(2, 0, 1)), txt("?"))]
-    out = processor.apply_chat_template(conv)
+    out = act(processor, conv)
     n = out["pixel_values"].shape[0] // 3
     pv = out["pixel_values"]
     assert torch.equal(pv[:n], pv[n:2 * n]) and torch.equal(pv[:n], pv[2 * n:])
@@ -120,7 +128,7 @@ def test_rgba_file_is_composited_on_white(processor, tmp_path):
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     path = str(tmp_path / "t.png")
     rgba.save(path)
-    out = processor.apply_chat_template([user(img(path), txt("?"))])
+    out = act(processor, [user(img(path), txt("?"))])
     assert torch.allclose(out["pixel_values"], torch.ones_like(out["pixel_values"]))
 
 
@@ -136,7 +144,7 @@ def test_conversation_features(processor, ref):
     assert_same(a, b)
     a, b = run_both(processor, ref, conv, add_vision_id=True)
     assert_same(a, b)
-    assert "Picture 3:" in processor.apply_chat_template(conv, tokenize=False, add_vision_id=True)
+    assert "Picture 3:" in act(processor, conv, tokenize=False, add_vision_id=True)
 
 
 def test_text_only_and_string_content(processor, ref):
@@ -144,7 +152,7 @@ def test_text_only_and_string_content(processor, ref):
     a, b = run_both(processor, ref, conv)
     assert_same(a, b)
     assert "pixel_values" not in a
-    assert processor.apply_chat_template(conv, tokenize=False) == ref.apply_chat_template(
+    assert act(processor, conv, tokenize=False) == ref.apply_chat_template(
         conv, add_generation_prompt=True, tokenize=False)
 
 
@@ -156,7 +164,7 @@ def test_tools_in_template(processor, ref):
             {"role": "assistant", "content": "",
              "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
             {"role": "tool", "content": "sunny, 21°C"}]
-    ours = processor.apply_chat_template(conv, tokenize=False, tools=tools)
+    ours = act(processor, conv, tokenize=False, tools=tools)
     theirs = ref.apply_chat_template(conv, add_generation_prompt=True, tokenize=False, tools=tools)
     assert ours == theirs
     assert "<tools>" in ours and "<b>" in ours
@@ -168,14 +176,14 @@ def test_batch_left_padding(processor, ref):
     convs = [[user(img(random_image(64, 64, seed=1)), txt("Describe this image in detail please."))],
              [user(txt("Hi"))],
              [user(img(random_image(30, 90, seed=2)), img(random_image(90, 30, seed=3)), txt("Two."))]]
-    a, b = run_both(processor, ref, convs)
+    a, b = run_both(processor, ref, convs, padding_side="left")  # the default is now right, as transformers'
     assert_same(a, b)
     mask = a["attention_mask"]
     assert mask[1, 0] == 0 and mask[:, -1].all()  # left padding: real tokens end every row
     assert (a["input_ids"][mask == 0] == 151643).all()
-    right = processor.apply_chat_template(convs, padding_side="right")
+    right = act(processor, convs, padding_side="right")
     assert right["attention_mask"][:, 0].all()
-    texts = processor.apply_chat_template(convs, tokenize=False)
+    texts = act(processor, convs, tokenize=False)
     assert isinstance(texts, list) and len(texts) == 3
 
 
@@ -183,23 +191,23 @@ def test_openai_format(processor, tmp_path):
     image = random_image(64, 48, seed=6)
     path = str(tmp_path / "o.png")
     image.save(path)
-    hf = processor.apply_chat_template([user(img(image), txt("What is it?"))])
-    oa = processor.apply_chat_template([{"role": "user", "content": [
+    hf = act(processor, [user(img(image), txt("What is it?"))])
+    oa = act(processor, [{"role": "user", "content": [
         {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "file://" + path}}]}])
-    qwen_no_type = processor.apply_chat_template([user({"image": path}, {"text": "What is it?"})])
+    qwen_no_type = act(processor, [user({"image": path}, {"text": "What is it?"})])
     assert torch.equal(hf["pixel_values"], oa["pixel_values"])
     assert torch.equal(hf["input_ids"], qwen_no_type["input_ids"])
 
 
 def test_per_item_and_per_call_pixel_budget(processor, ref):
     image = random_image(1000, 800, seed=7)
-    small = processor.apply_chat_template([user(img(image), txt("?"))], max_pixels=128 * 128)
+    small = act(processor, [user(img(image), txt("?"))], max_pixels=128 * 128)
     # 1000x800 px, budget 16384: beta = sqrt(800000/16384) = 6.99 -> 96 x 128 px -> grid 6 x 8
     assert small["image_grid_thw"].tolist() == [[1, 6, 8]]
-    item = processor.apply_chat_template([user({"type": "image", "image": image, "max_pixels": 128 * 128},
+    item = act(processor, [user({"type": "image", "image": image, "max_pixels": 128 * 128},
                                                txt("?"))])
     assert torch.equal(small["pixel_values"], item["pixel_values"])
-    fixed = processor.apply_chat_template([user({"type": "image", "image": image, "resized_height": 300,
+    fixed = act(processor, [user({"type": "image", "image": image, "resized_height": 300,
                                                  "resized_width": 500}, txt("?"))])
     assert fixed["image_grid_thw"].tolist() == [[1, 18, 32]]  # 288 x 512 px
     b = ref.apply_chat_template([user(img(image), txt("?"))], add_generation_prompt=True, tokenize=True,
@@ -220,7 +228,7 @@ def test_call_with_text_and_images(processor, ref):
 
 def test_decode_and_tokenizer(processor, ref):
     conv = [user(txt("Bonjour 你好 🙂"))]
-    ids = processor.apply_chat_template(conv)["input_ids"]
+    ids = act(processor, conv)["input_ids"]
     assert processor.decode(ids[0]) == ref.tokenizer.decode(ids[0])
     assert processor.batch_decode(ids, skip_special_tokens=True) == ref.tokenizer.batch_decode(
         ids, skip_special_tokens=True)
@@ -245,32 +253,32 @@ def test_template_sources(processor_dir, tmp_path):
     from qwen3vl.processor import Processor
 
     conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    expected = Processor.from_pretrained(processor_dir).apply_chat_template(conv, tokenize=False)
+    expected = act(Processor.from_pretrained(processor_dir), conv, tokenize=False)
     for drop in (("chat_template.jinja",), ("chat_template.jinja", "chat_template.json")):
         folder = tmp_path / "_".join(drop)
         shutil.copytree(processor_dir, folder)
         for name in drop:
             os.remove(folder / name)
-        assert Processor.from_pretrained(str(folder)).apply_chat_template(conv, tokenize=False) == expected
+        assert act(Processor.from_pretrained(str(folder)), conv, tokenize=False) == expected
 
 
 def test_batch_feature_and_plain_lists(processor):
     conv = [user(txt("Hi")), ]
-    out = processor.apply_chat_template(conv)
+    out = act(processor, conv)
     assert out.input_ids is out["input_ids"] and out.input_ids.shape[0] == 1
     moved = out.to("cpu")
     assert torch.equal(moved.input_ids, out.input_ids)
-    plain = processor.apply_chat_template(conv, return_tensors=None)
+    plain = act(processor, conv, return_tensors=None)
     assert plain["input_ids"] == out["input_ids"].tolist()
-    ids_only = processor.apply_chat_template(conv, return_dict=False)
+    ids_only = act(processor, conv, return_dict=False)
     assert torch.equal(ids_only, out["input_ids"])
     with pytest.raises(ValueError):
-        processor.apply_chat_template([[user(txt("a"))], [user(txt("much longer text here"))]], padding=False)
+        act(processor, [[user(txt("a"))], [user(txt("much longer text here"))]], padding=False)
 
 
 def test_continue_final_message(processor, ref):
     conv = [user(txt("Count to three.")), {"role": "assistant", "content": "One, two,"}]
-    ours = processor.apply_chat_template(conv, tokenize=False, add_generation_prompt=False,
+    ours = act(processor, conv, tokenize=False, add_generation_prompt=False,
                                          continue_final_message=True)
     theirs = ref.apply_chat_template(conv, tokenize=False, continue_final_message=True)
     assert ours == theirs and ours.endswith("One, two,")
@@ -295,9 +303,9 @@ def test_openai_part_options_and_missing_source(processor):
 
     image = random_image(1000, 800, seed=7)
     part = {"type": "image_url", "image_url": {"url": image, "max_pixels": 128 * 128}}
-    assert processor.apply_chat_template([user(part, txt("?"))])["image_grid_thw"].tolist() == [[1, 6, 8]]
+    assert act(processor, [user(part, txt("?"))])["image_grid_thw"].tolist() == [[1, 6, 8]]
     with pytest.raises(UnsupportedMediaError, match="names no source"):
-        processor.apply_chat_template([user({"type": "image_url"}, txt("?"))])
+        act(processor, [user({"type": "image_url"}, txt("?"))])
 
 
 def test_vision_tokens_come_from_the_tokenizer(processor):

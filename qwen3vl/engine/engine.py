@@ -56,6 +56,8 @@ class Engine:
         self._state: SamplingState | None = None
         self._lock = threading.Condition()
         self._listeners: dict[int, Callable[[Delta], None]] = {}
+        # generate(output_scores=True): called with (requests, raw logits, processed scores) before each sampling.
+        self.on_logits: Callable | None = None
 
     @property
     def max_num_seqs(self) -> int:
@@ -171,6 +173,8 @@ class Engine:
             req.next_position = int(next_position[i])
             req.inputs = None  # pixel values are not needed any more
             req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
+            if self.on_logits is not None:
+                self.on_logits([req], logits[i : i + 1], self.sampler.process_logits(logits[i : i + 1], req.state))
             token = int(self.sampler(logits[i : i + 1], req.state)[0])
             out.append((req, self._finish_if_done(req, req.add_token(token))))
         if group is not None:
@@ -207,6 +211,8 @@ class Engine:
         logits = self.runner.decode(rows[0], rows[1], rows[2], end)  # (width, V), ours to overwrite
         if not dense:
             logits = logits[torch.tensor(slots, device=logits.device)]
+        if self.on_logits is not None:
+            self.on_logits(running, logits, self.sampler.process_logits(logits, self._batch_state(running)))
         next_ids = self.sampler(logits, self._batch_state(running), scratch=True).tolist()
         out = []
         for r, tok in zip(running, next_ids):

@@ -25,15 +25,15 @@ class Step:
     stopped: torch.Tensor  # (B,) bool, this row produced a stop id at this step
 
 
-def resolve_params(model, params: SamplingParams | None, **overrides) -> SamplingParams:
-    """Defaults from the checkpoint's generation_config.json, then per-call overrides."""
+def resolve_params(model, params: SamplingParams | None, config: dict | None = None, **overrides) -> SamplingParams:
+    """Defaults from ``config`` (default: the checkpoint's generation_config.json), then per-call overrides."""
     if params is not None:
         if overrides:
             raise TypeError("pass either a SamplingParams or keyword settings, not both")
         return params
     if "eos_token_id" in overrides:
         overrides["stop_token_ids"] = overrides.pop("eos_token_id")
-    return SamplingParams.from_generation_config(model.generation_config, **overrides)
+    return SamplingParams.from_generation_config(model.generation_config if config is None else config, **overrides)
 
 
 def pad_id(model) -> int:
@@ -83,18 +83,43 @@ class _Positions:
             self.on_step(step)  # at delivery time: a streamer sees each token when it exists
 
 
+def left_aligned(inputs: dict, pad: int) -> dict:
+    """``inputs`` with every row's real tokens moved to the right end (right- or otherwise-padded
+    batches become left-padded). Exact: positions come from the attention mask, and the prefill
+    group assumes left padding."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return inputs
+    ids = inputs["input_ids"]
+    valid = mask.to(ids.device).bool()
+    t = ids.shape[1]
+    left = torch.arange(t, device=ids.device) >= (t - valid.sum(1))[:, None]  # (B, T)
+    if torch.equal(valid, left):
+        return inputs
+    moved = torch.full_like(ids, pad)
+    moved[left] = ids[valid]  # row by row, in order: each row keeps its count of real tokens
+    return {**inputs, "input_ids": moved, "attention_mask": left.to(mask.dtype)}
+
+
 @torch.inference_mode()
 def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingParams],
-                  on_step: Callable[[Step], None] | None = None) -> Iterator[Step]:
+                  on_step: Callable[[Step], None] | None = None, tokenizer=None, pad: int | None = None,
+                  on_logits: Callable | None = None) -> Iterator[Step]:
     """Yield one ``Step`` per generated position until every row has stopped (``on_step`` also
-    gets each Step, as soon as its tokens exist)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    gets each Step, as soon as its tokens exist). ``tokenizer``: lets stop strings match;
+    ``pad``: the id given to finished rows (default: the checkpoint's); ``on_logits``: the
+    engine's scores hook (``Engine.on_logits``)."""
+    pad = pad_id(model) if pad is None else pad
+    inputs = left_aligned({k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}, pad)
     b, t = inputs["input_ids"].shape
     rows = params if isinstance(params, list) else [params] * b
     engine = Engine(model, None, max_num_seqs=b, max_model_len=t + max(p.max_new_tokens for p in rows),
                     cuda_graphs=False)
-    positions = _Positions(b, pad_id(model), on_step)
+    engine.tokenizer = tokenizer
+    positions = _Positions(b, pad, on_step)
     reqs = engine.new_group(inputs, rows)
+    if on_logits is not None:
+        engine.on_logits = on_logits(reqs)
     for i, req in enumerate(reqs):
         engine.submit(req, lambda delta, i=i: positions.add(i, delta))
     while any(r.result is None for r in reqs):
@@ -106,15 +131,15 @@ def stream_tokens(model, batch: dict, params: SamplingParams | list[SamplingPara
         positions.ready.clear()
 
 
-def generate(model, batch: dict, params: SamplingParams | list[SamplingParams], streamer=None) -> torch.Tensor:
+def generate(model, batch: dict, params: SamplingParams | list[SamplingParams], streamer=None, **options) -> torch.Tensor:
     """-> (B, T + new) ids: the prompt followed by the generated tokens (pad after a row's end).
     ``streamer``: an object with ``put(ids)`` and ``end()`` as in transformers (``put`` gets the
-    prompt first, then each step's (B,) tokens)."""
+    prompt first, then each step's (B,) tokens). ``options``: ``stream_tokens``'s."""
     ids = batch["input_ids"].to(model.device)
     if streamer is not None:
         streamer.put(ids.cpu())
     on_step = None if streamer is None else (lambda step: streamer.put(step.tokens))
-    steps = [s.tokens.to(ids.device) for s in stream_tokens(model, batch, params, on_step)]
+    steps = [s.tokens.to(ids.device) for s in stream_tokens(model, batch, params, on_step, **options)]
     if streamer is not None:
         streamer.end()
     return torch.cat([ids, torch.stack(steps, 1)], dim=1) if steps else ids

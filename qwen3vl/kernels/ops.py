@@ -25,7 +25,9 @@ _BF16 = ("rms_norm", "rms_norm_rope", "silu_mul", "gelu", "attention", "decode_a
 
 class Ops:
     """One implementation per op (``OPS``): ``compiled`` names those that run the compiled kernels,
-    the others are ``reference``'s. ``amx``: whether the int8/int4 kernels use AMX tiles for 5-8
+    the others are ``reference``'s. The compiled kernels have no autograd: where a call would be
+    recorded (grad mode on and a tensor argument requiring grad) a compiled op runs its reference
+    instead (the quantized products excepted: integer weights never train). ``amx``: whether the int8/int4 kernels use AMX tiles for 5-8
     activation rows (decided by the CPU and OS when the kernels load)."""
 
     def __init__(self, name: str, compiled_ops=(), amx: bool = False):
@@ -33,10 +35,27 @@ class Ops:
         self.compiled = frozenset(compiled_ops)
         self.amx = amx
         for op in OPS:
-            setattr(self, op, getattr(compiled if op in self.compiled else reference, op))
+            ref = getattr(reference, op)
+            fast = getattr(compiled, op)
+            # The quantized products take integer weights, which never train: no switch needed.
+            setattr(self, op, ref if op not in self.compiled else fast if op in _QUANT else _unless_grad(fast, ref))
 
     def __repr__(self) -> str:
         return f"Ops({self.name}: {len(self.compiled)} of {len(OPS)} ops compiled, amx={self.amx})"
+
+
+def _unless_grad(fast, ref):
+    """``fast`` (a compiled kernel: no autograd), or ``ref`` when autograd would record the call:
+    grad mode on and a tensor argument requiring grad. Under ``no_grad`` / ``inference_mode`` (the
+    engine, benchmarks) the cost is one ``torch.is_grad_enabled()``."""
+
+    def op(*args, **kwargs):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return ref(*args, **kwargs)
+        return fast(*args, **kwargs)
+
+    op.__name__, op.__doc__ = ref.__name__, ref.__doc__
+    return op
 
 
 REFERENCE = Ops("reference")

@@ -40,13 +40,24 @@ def resolve_dtype(dtype, config: Qwen3VLConfig) -> torch.dtype:
     return _DTYPES[name]
 
 
+def looks_like_path(path: str) -> bool:
+    """A local path rather than a hub id: absolute, ./ ../ ~ (or the OS's separators), or one whose
+    parent folder exists."""
+    starts = ("/", "./", "../", "~", ".\\", "..\\")
+    parent = os.path.dirname(path)
+    return (os.path.isabs(path) or path.startswith(starts) or path in (".", "..")
+            or (bool(parent) and os.path.isdir(os.path.expanduser(parent))))
+
+
 def resolve_model_path(path: str) -> str:
     """A local folder, or a hub id resolved through the local Hugging Face cache
     (downloading only when the network allows)."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if os.path.exists(os.path.expanduser(path)):
         raise FileNotFoundError(f"{path} is a file; expected a checkpoint folder")
+    if looks_like_path(path):
+        raise FileNotFoundError(f"no such folder: {path}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -65,6 +76,7 @@ def resolve_model_path(path: str) -> str:
 class ModelOutput:
     logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
     next_position: torch.Tensor | None = None  # (B,) MRoPE position of the first new token
+    loss: torch.Tensor | None = None  # () with ``labels``
 
 
 @dataclass
@@ -260,12 +272,50 @@ class Qwen3VLModel(nn.Module):
         hidden = self.model.language_model(embeds, AttnContext(cos, sin, view), visual_mask, deepstack)
         return self.logits(hidden, logits_to_keep)
 
-    @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, logits_to_keep: int = 0, **unused) -> ModelOutput:
+                pixel_values_videos=None, video_grid_thw=None, logits_to_keep: int = 0, labels=None,
+                num_items_in_batch=None, **unused) -> ModelOutput:
         """Full-sequence forward with reference semantics (no cache). Extra processor keys such as
-        ``mm_token_type_ids`` are accepted and ignored: positions come from input_ids + grids."""
+        ``mm_token_type_ids`` are accepted and ignored: positions come from input_ids + grids.
+        ``labels`` (B, T), -100 where ignored: ``.loss`` is the reference's shifted cross-entropy
+        (mean over counted tokens, or their sum / ``num_items_in_batch``). When ``records_grad()``
+        the call is recorded for autograd (the modules then run the reference ops, see
+        ``kernels.ops``); otherwise it runs under ``inference_mode`` on the load-time kernels."""
+        args = (input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                logits_to_keep, labels, num_items_in_batch)
+        if self.records_grad():
+            return self._forward(*args)
+        with torch.inference_mode():
+            return self._forward(*args)
+
+    def records_grad(self) -> bool:
+        """Whether ``forward`` is recorded for autograd: grad mode on and a trainable parameter
+        (not for weight-quantized models, whose integer weights do not train)."""
+        return (torch.is_grad_enabled() and not self.quantization
+                and any(p.requires_grad and not p.is_inference() for p in self.parameters()))
+
+    def _forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                 logits_to_keep, labels, num_items_in_batch) -> ModelOutput:
         p = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         valid = None if attention_mask is None else attention_mask.to(self.device).bool()
         logits = self.step(p.embeds, p.positions, Uncached(valid), p.visual_mask, p.deepstack, logits_to_keep)
-        return ModelOutput(logits, p.next_position)
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        return ModelOutput(logits, p.next_position, loss)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Tokens < n predict n: cross-entropy in float32 of logits (B, T', V) against labels (B, T)
+    shifted left by one (the last position predicts nothing), ``ignore_index`` skipped; the mean
+    over counted tokens, or the sum divided by ``num_items_in_batch`` when given. With
+    ``logits_to_keep`` the logits cover the last T' positions and are matched to the labels
+    shifted and padded the same way (the reference's reduction)."""
+    if tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' (B, T) "
+                         f"{tuple(logits.shape[:2])}: with logits_to_keep, pass labels for the kept positions")
+    target = nn.functional.pad(labels.to(logits.device), (0, 1), value=ignore_index)[..., 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=ignore_index)
+    total = nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)

@@ -120,6 +120,8 @@ class Attention(HoldsOps, nn.Module):
     def _qk_norm_weight(self) -> torch.Tensor:
         """(nh+nkv, D) per-head norm weights, rebuilt only when a weight changed (load, to())."""
         q, k = self.q_norm.weight, self.k_norm.weight
+        if torch.is_grad_enabled() and q.requires_grad:  # training: rebuilt per call, gradients flow
+            return torch.cat((q.expand(self.nh, self.hd), k.expand(self.nkv, self.hd)))
         # Inference-mode tensors cannot enter autograd-tracked calls, hence the mode in the key;
         # weights created under inference mode (a model loaded inside it) have no version counter.
         key = (q.data_ptr(), _version(q), k.data_ptr(), _version(k), q.dtype, torch.is_inference_mode_enabled())

@@ -16,7 +16,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import UnsupportedMediaError
-from .options import IMAGE_KEYS, VIDEO_KEYS, parse_media_part, part_type
+from .options import IMAGE_KEYS, MEDIA_PART_TYPES, VIDEO_KEYS, parse_media_part, part_type
 
 
 def load_chat_template(path: str) -> str | None:
@@ -75,7 +75,10 @@ def _normalize_block(block) -> dict:
     """One content block -> HF/Qwen form ({"type": "image"|"video"|"text", ...})."""
     if isinstance(block, str):
         return {"type": "text", "text": block}
+    declared = part_type(block)  # before dropping None values: {"image": None} is still an image part
     block = {k: v for k, v in block.items() if v is not None}
+    if declared in MEDIA_PART_TYPES and part_type(block) != declared:
+        block["type"] = declared
     kind = part_type(block)
     media = parse_media_part(block)
     if media is not None and kind.endswith("_url"):  # OpenAI form -> Qwen form

@@ -73,18 +73,66 @@ def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 65
     return h_bar, w_bar
 
 
-def target_image_size(height: int, width: int, params: VisionParams, *, min_pixels=None, max_pixels=None,
-                      resized_height=None, resized_width=None) -> tuple[int, int]:
-    """Per-item size resolution with qwen-vl-utils semantics.
+# qwen-vl-utils' per-item defaults, in merged tokens (times factor**2 pixels)
+ITEM_MIN_TOKENS, ITEM_MAX_TOKENS = 4, 16384
 
-    ``resized_height``/``resized_width`` ask for an explicit size (rounded to the factor);
-    otherwise ``min_pixels``/``max_pixels`` override the configured pixel budget.
+
+def _positive(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or number <= 0 or number != value:
+        raise ImageSizeError(f"{name} must be a positive integer, got {value!r}", kind="image")
+    return number
+
+
+def item_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """qwen-vl-utils' variant: a side never rounds below one factor; min must not exceed max."""
+    if min_pixels > max_pixels:
+        raise ImageSizeError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})", kind="image")
+    if min(height, width) <= 0:
+        raise ImageSizeError(f"image has zero size ({width}x{height})", kind="image")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageSizeError(f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, "
+                             f"got {max(height, width) / min(height, width):.1f} ({width}x{height})", kind="image")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar <= 0 or w_bar <= 0:
+        raise ImageSizeError(f"max_pixels ({max_pixels}) is too small for one {factor}x{factor} patch "
+                             f"at this aspect ratio ({width}x{height})", kind="image")
+    return h_bar, w_bar
+
+
+def target_image_size(height: int, width: int, params: VisionParams, *, min_pixels=None, max_pixels=None,
+                      resized_height=None, resized_width=None, item_options: bool = False) -> tuple[int, int]:
+    """Target size. With ``item_options`` (a content part's own options) qwen-vl-utils' rules apply:
+    ``resized_height``/``resized_width`` give the size (rounded to the factor, default budget);
+    else the part's ``min_pixels``/``max_pixels`` with defaults 4 and 16384 merged tokens.
+    Call-level ``min_pixels``/``max_pixels`` replace the processor's configured budget.
     """
-    lo = int(min_pixels) if min_pixels is not None else params.min_pixels
-    hi = int(max_pixels) if max_pixels is not None else params.max_pixels
-    if resized_height and resized_width:
-        return smart_resize(int(resized_height), int(resized_width), params.factor, lo, max(hi, lo))
-    return smart_resize(height, width, params.factor, lo, hi)
+    f = params.factor
+    if (resized_height is None) != (resized_width is None):
+        raise ImageSizeError("resized_height and resized_width must be given together", kind="image")
+    if resized_height is not None:
+        rh, rw = _positive("resized_height", resized_height), _positive("resized_width", resized_width)
+        return item_smart_resize(rh, rw, f, ITEM_MIN_TOKENS * f * f, ITEM_MAX_TOKENS * f * f)
+    lo = _positive("min_pixels", min_pixels) if min_pixels is not None else None
+    hi = _positive("max_pixels", max_pixels) if max_pixels is not None else None
+    if item_options:
+        return item_smart_resize(height, width, f, ITEM_MIN_TOKENS * f * f if lo is None else lo,
+                                 ITEM_MAX_TOKENS * f * f if hi is None else hi)
+    lo = params.min_pixels if lo is None else lo
+    hi = params.max_pixels if hi is None else hi
+    return smart_resize(height, width, f, lo, hi)
 
 
 def _scale_shift(params: VisionParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +142,7 @@ def _scale_shift(params: VisionParams) -> tuple[torch.Tensor, torch.Tensor]:
     return (1.0 / (255.0 * std)).float(), (-mean / std).float()
 
 
-def patchify_frames(frames: torch.Tensor, params: VisionParams) -> torch.Tensor:
+def patchify_frames(frames: torch.Tensor, params: VisionParams, *, subtract_divide: bool = False) -> torch.Tensor:
     """(T, H, W, C) uint8 frames, T a multiple of temporal_patch_size -> (N, C*tp*ps*ps) float32.
 
     Rows are ordered (t, h-window, w-window, row in window, col in window); within a row the
@@ -108,9 +156,14 @@ def patchify_frames(frames: torch.Tensor, params: VisionParams) -> torch.Tensor:
     x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
     out = torch.empty(x.shape, dtype=torch.float32)
     out.copy_(x)  # one pass: gather + uint8 -> float32
-    scale, shift = _scale_shift(params)
     shape = (1, 1, 1, 1, 1, c, 1, 1, 1)
-    out.mul_(scale.view(shape)).add_(shift.view(shape))
+    if subtract_divide:  # the torchvision video path: (x - 255*mean) / (255*std) in float32
+        mean = torch.tensor(params.image_mean, dtype=torch.float32) * (1.0 / (1 / 255))
+        std = torch.tensor(params.image_std, dtype=torch.float32) * (1.0 / (1 / 255))
+        out.sub_(mean.view(shape)).div_(std.view(shape))
+    else:
+        scale, shift = _scale_shift(params)
+        out.mul_(scale.view(shape)).add_(shift.view(shape))
     return out.view(gt * gh * gw, c * tp * ps * ps)  # (N, C*tp*ps*ps)
 
 
@@ -121,12 +174,21 @@ def resize_image(image: Image.Image, height: int, width: int) -> np.ndarray:
     return np.asarray(image)  # (H, W, 3) uint8
 
 
-def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | None = None,
+def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | None = None, do_resize: bool = True,
                      **size_overrides) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """One RGB PIL image -> (pixel rows (N, 3*2*16*16) float32, grid (1, h/16, w/16))."""
+    """One RGB PIL image -> (pixel rows (N, 3*2*16*16) float32, grid (1, h/16, w/16)).
+
+    ``do_resize=False`` takes the image as it is (its sides must be multiples of the factor).
+    """
     width, height = image.size
     try:
-        th, tw = target_image_size(height, width, params, **size_overrides)
+        if do_resize:
+            th, tw = target_image_size(height, width, params, **size_overrides)
+        elif height % params.factor or width % params.factor:
+            raise ImageSizeError(f"do_resize=False needs sides that are multiples of {params.factor}, "
+                                 f"got {width}x{height}", kind="image")
+        else:
+            th, tw = height, width
     except ImageSizeError as exc:
         raise ImageSizeError(exc.reason, kind="image", index=index, source=image) from None
     pixels = torch.from_numpy(resize_image(image, th, tw).copy())  # (H, W, 3) uint8

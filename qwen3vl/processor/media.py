@@ -186,7 +186,8 @@ def _frames_from_array(array, err: dict) -> np.ndarray:
     if array.shape[-1] != 3 or array.shape[0] == 0:
         raise UnsupportedMediaError(f"unsupported video array shape {array.shape}", **err)
     if np.issubdtype(array.dtype, np.floating):
-        array = np.clip(np.round(array * 255.0), 0, 255)
+        # [0, 1] floats are scaled; floats over 1 are 0..255 values (qwen-vl-utils' float videos)
+        array = np.clip(np.round(array if array.max(initial=0.0) > 1.0 else array * 255.0), 0, 255)
     return np.ascontiguousarray(array.astype(np.uint8))
 
 
@@ -254,14 +255,14 @@ def _decode_video(target, sampler: FrameSampler, err: dict) -> VideoClip:
     kept, seen = _decode_frames(target, indices, err)
     if seen == 0:
         raise EmptyMediaError("no decodable frames", **err)
-    if len(kept) < len(indices):
+    if len(kept) < len(set(indices)):
         # header over-counted (truncated file): sample again over the frames that really exist
         total = seen
         indices = [int(i) for i in sampler(total, fps)]
         kept, seen = _decode_frames(target, indices, err)
-        if len(kept) < len(indices):
+        if len(kept) < len(set(indices)):
             raise MediaDecodeError("video is truncated and frames could not be decoded", **err)
-    frames = np.stack([kept[i] for i in indices])  # (T, H, W, 3) uint8
+    frames = np.stack([kept[i] for i in indices])  # (T, H, W, 3) uint8; repeated indices repeat frames
     return VideoClip(frames, fps, total, indices)
 
 

@@ -60,6 +60,8 @@ def parse_media_part(part: dict) -> MediaPart | None:
     else:
         key = next((k for k in (IMAGE_KEYS if kind == "image" else VIDEO_KEYS) if part.get(k) is not None), kind)
         source = part.get(key)
+        if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
+            source = f"data:{kind}/unknown;base64,{source}"  # transformers' raw-base64 form
     allowed = IMAGE_OPTIONS if kind == "image" else VIDEO_OPTIONS
     options = {k: src[k] for src in (info, part) for k in allowed if src.get(k) is not None}
     return MediaPart(kind, source, key, options)

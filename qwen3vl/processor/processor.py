@@ -15,11 +15,13 @@ import torch
 
 from . import chat
 from .chat import MediaItem
+from .components import ImageProcessor, VideoProcessor
 from .image import VisionParams, preprocess_image
 from .media import load_image, load_video
 from .options import CALL_OPTIONS
 from .tokenizer import Tokenizer
 from .video import VideoParams, preprocess_video, sample_indices, video_placeholder
+from .video_inputs import apply_metadata
 
 # Vision tokens: the tokenizer config's (image_token, ...), else these, Qwen3-VL's; ids come from the tokenizer.
 DEFAULT_VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
@@ -36,7 +38,9 @@ class BatchFeature(dict):
             raise AttributeError(name) from None
 
     def to(self, device=None, dtype=None) -> "BatchFeature":
-        """Move tensors to ``device``; ``dtype`` applies to floating tensors only."""
+        """Move tensors to ``device``; ``dtype`` (also ``.to(torch.bfloat16)``) applies to floating tensors only."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         out = BatchFeature({k: _move(v, device, dtype) for k, v in self.items()})
         out.__dict__.update(self.__dict__)
         return out
@@ -61,8 +65,9 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer, image_params: VisionParams | None = None,
                  video_params: VideoParams | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
-        self.image_params = image_params or VisionParams()
-        self.video_params = video_params or VideoParams(VisionParams(min_pixels=4096, max_pixels=25165824))
+        self.image_processor = ImageProcessor(image_params or VisionParams())
+        self.video_processor = VideoProcessor(video_params or VideoParams(VisionParams(min_pixels=4096,
+                                                                                       max_pixels=25165824)))
         self.chat_template = chat_template
         tokens = [tokenizer.special_token(name, default) for name, default in DEFAULT_VISION_TOKENS.items()]
         self.image_token, self.video_token, self.vision_start_token, self.vision_end_token = tokens
@@ -72,6 +77,15 @@ class Processor:
             raise ValueError(f"the tokenizer has no token {missing[0]!r}")
         self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id = ids
         self._placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
+
+    @property
+    def image_params(self) -> VisionParams:
+        """The image settings now (``image_processor``'s attributes, which users may set)."""
+        return self.image_processor.params()
+
+    @property
+    def video_params(self) -> VideoParams:
+        return self.video_processor.video_params()
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "Processor":
@@ -85,19 +99,26 @@ class Processor:
                    VideoParams.from_config(video_cfg), chat.load_chat_template(path))
 
     # ------------------------------------------------------------------ decoding
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
+               **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                     clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens,
+                                           clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
     # ------------------------------------------------------------------ chat
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = True,
-                            return_dict: bool = True, return_tensors: str | None = "pt", padding: bool = True,
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, return_tensors: str | None = "pt", padding: bool = True,
                             padding_side: str | None = None, tools=None, documents=None,
                             chat_template: str | None = None, continue_final_message: bool = False,
                             return_mm_token_type_ids: bool = True, return_metadata: bool = False, **kwargs):
         """One conversation or a list of them -> prompt text(s), or model inputs when ``tokenize``.
+
+        Defaults are transformers': the prompt string; ``tokenize=True`` gives ``input_ids``,
+        ``tokenize=True, return_dict=True`` the full model inputs.
 
         Keywords in ``CALL_OPTIONS`` set the pixel budget / video sampling for this call; every
         other keyword (``add_vision_id``, ``enable_thinking``...) is passed to the template.
@@ -128,21 +149,31 @@ class Processor:
 
     # ------------------------------------------------------------------ text + media
     def __call__(self, text=None, images=None, videos=None, *, return_tensors: str | None = "pt",
-                 padding: bool = True, padding_side: str | None = None, return_mm_token_type_ids: bool = True,
-                 return_metadata: bool = False, **options) -> BatchFeature:
+                 padding: bool | str = True, padding_side: str | None = None, return_mm_token_type_ids: bool = True,
+                 return_metadata: bool = False, video_metadata=None, do_resize: bool | None = None,
+                 do_sample_frames: bool | None = None, **options) -> BatchFeature:
         """Prompt text(s) containing ``<|image_pad|>`` / ``<|video_pad|>`` placeholders + the media.
 
         ``images``: one image, a flat list, or one list per text. ``videos``: one video (path, URL,
         list of frames or array), a list of them, or one list per text. Media are matched to
-        placeholders in order. Options: ``min_pixels``, ``max_pixels``, ``fps``, ``num_frames``,
-        ``total_pixels``.
+        placeholders in order. Options: ``min_pixels``, ``max_pixels``, ``fps`` (a list: one per
+        video), ``num_frames``, ``total_pixels``; ``video_metadata`` (one per video), ``do_resize``,
+        ``do_sample_frames`` as in the reference (the qwen-vl-utils flow passes ``do_resize=False``).
         """
+        for group in ("images_kwargs", "videos_kwargs", "text_kwargs", "common_kwargs"):
+            options.update(options.pop(group, None) or {})
         unknown = set(options) - set(CALL_OPTIONS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
         texts = [text] if isinstance(text, str) else list(text or [])
         image_items = [MediaItem("image", s) for s in _flatten_media(images, is_video=False)]
         video_items = [MediaItem("video", s) for s in _flatten_media(videos, is_video=True)]
+        if video_metadata is not None:
+            video_metadata = [video_metadata] if isinstance(video_metadata, dict) or not isinstance(
+                video_metadata, (list, tuple)) else list(video_metadata)
+            if len(video_metadata) != len(video_items):
+                raise ValueError(f"{len(video_metadata)} video_metadata entries for {len(video_items)} videos")
+        options.update(video_metadata=video_metadata, do_resize=do_resize, do_sample_frames=do_sample_frames)
         return self._encode(texts, image_items, video_items, options, return_tensors=return_tensors,
                             padding=padding, padding_side=padding_side,
                             return_mm_token_type_ids=return_mm_token_type_ids, return_metadata=return_metadata)
@@ -150,18 +181,21 @@ class Processor:
     def _encode(self, texts: list[str], image_items: list[MediaItem], video_items: list[MediaItem],
                 options: dict, *, return_tensors, padding, padding_side, return_mm_token_type_ids,
                 return_metadata) -> BatchFeature:
+        if return_tensors not in (None, "pt", "torch", "np", "numpy"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use 'pt', 'np' or None)")
         data: dict = {}
         image_tokens, video_texts, metadata = [], [], []
         if image_items:
             pixel_values, grids = self._process_images(image_items, options)
             data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
-            merge = self.image_params.merge_size ** 2
+            merge = self.image_processor.merge_size ** 2
             image_tokens = [int(g.prod()) // merge for g in grids]
         if video_items:
-            videos = self._process_videos(video_items, options)
+            params = self.video_params
+            videos = self._process_videos(video_items, options, params)
             data["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos], 0)  # (sum N, 1536)
             data["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.int64)
-            video_texts = [video_placeholder(v, self.video_params, self.video_token, self.vision_start_token,
+            video_texts = [video_placeholder(v, params, self.video_token, self.vision_start_token,
                                              self.vision_end_token) for v in videos]
             metadata = [{"frames_indices": v.indices, "timestamps": v.timestamps, "fps": v.fps,
                          "total_num_frames": v.total_frames} for v in videos]
@@ -170,8 +204,8 @@ class Processor:
         data = {**self._pad(ids, padding, padding_side, return_mm_token_type_ids), **data}
         if return_tensors is None:
             data = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
-        elif return_tensors not in ("pt", "torch"):
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported (use 'pt' or None)")
+        elif return_tensors in ("np", "numpy"):
+            data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
         if return_metadata and metadata:
             data["video_metadata"] = metadata
         out = BatchFeature(data)
@@ -179,36 +213,53 @@ class Processor:
         return out
 
     def _process_images(self, items: list[MediaItem], options: dict):
-        timeout = options.get("timeout", 10.0)
+        timeout = options.get("timeout") or 10.0
+        params = self.image_params
+        do_resize = self.image_processor.do_resize if options.get("do_resize") is None else options["do_resize"]
         rows, grids = [], []
         for i, item in enumerate(items):
-            size = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels")}
+            size = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels") and v is not None}
             size.update(item.options)
             image = load_image(item.source, index=i, timeout=timeout)
-            r, g = preprocess_image(image, self.image_params, index=i, **size)
+            r, g = preprocess_image(image, params, index=i, do_resize=bool(do_resize),
+                                    item_options=bool(item.options), **size)
             rows.append(r)
             grids.append(g)
         pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)  # (sum N, 1536) float32
         return pixel_values, torch.tensor(grids, dtype=torch.int64)
 
-    def _process_videos(self, items: list[MediaItem], options: dict):
+    def _process_videos(self, items: list[MediaItem], options: dict, params: VideoParams):
         out = []
+        all_metadata = options.get("video_metadata") or [None] * len(items)
+        do_resize = self.video_processor.do_resize if options.get("do_resize") is None else options["do_resize"]
         for j, item in enumerate(items):
-            opts = {k: v for k, v in options.items() if k in ("fps", "num_frames", "total_pixels", "timeout")}
+            opts = {k: v for k, v in options.items()
+                    if k in ("fps", "num_frames", "total_pixels", "timeout") and v is not None}
+            if isinstance(opts.get("fps"), (list, tuple)):  # qwen-vl-utils: the sample fps of each video
+                fps_list = opts.pop("fps")
+                if j < len(fps_list):
+                    opts["sample_fps"] = float(fps_list[j])
             opts.update(item.options)
             if "num_frames" in item.options:
                 opts.pop("fps", None)  # an item's own num_frames wins over a call-level fps
             elif "fps" in item.options:
                 opts.pop("num_frames", None)
             fps, num_frames = opts.pop("fps", None), opts.pop("num_frames", None)
-            sample_fps = opts.pop("sample_fps", None) or fps or self.video_params.fps
+            if fps is None and num_frames is None:
+                num_frames = self.video_processor.num_frames
+            sample_fps = opts.pop("sample_fps", None) or fps or params.fps
             timeout = opts.pop("timeout", 10.0)
 
             def sampler(total, video_fps, fps=fps, num_frames=num_frames):
-                return sample_indices(total, video_fps, self.video_params, fps=fps, num_frames=num_frames)
+                return sample_indices(total, video_fps, params, fps=fps, num_frames=num_frames)
 
             clip = load_video(item.source, sampler, index=j, sample_fps=sample_fps, timeout=timeout)
-            out.append(preprocess_video(clip, self.video_params, index=j, **opts))
+            if all_metadata[j] is not None and not isinstance(item.source, (str, os.PathLike)):
+                sample = options.get("do_sample_frames")
+                sample = self.video_processor.do_sample_frames if sample is None else sample
+                clip = apply_metadata(clip, all_metadata[j], params, index=j, sample=bool(sample), fps=fps,
+                                      num_frames=num_frames)
+            out.append(preprocess_video(clip, params, index=j, do_resize=bool(do_resize), **opts))
         return out
 
     def _expand_placeholders(self, texts: list[str], image_tokens: list[int], video_texts: list[str]):

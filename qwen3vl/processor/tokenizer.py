@@ -33,7 +33,7 @@ class Tokenizer:
         self.unk_token = self._token_str(self.config.get("unk_token"))
         self.eos_token_id = self.convert_tokens_to_ids(self.eos_token)
         self.pad_token_id = self.convert_tokens_to_ids(self.pad_token)
-        self.padding_side = self.config.get("padding_side", "left")
+        self.padding_side = self.config.get("padding_side", "right")  # transformers' default
         decoder = self._tok.get_added_tokens_decoder()
         self.all_special_ids = sorted(i for i, t in decoder.items() if t.special)
 
@@ -102,15 +102,34 @@ class Tokenizer:
         return [self._tok.id_to_token(int(i)) for i in ids]
 
     # ------------------------------------------------------------------ decode
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Token ids (list, 1-D tensor/array) -> text."""
-        return self._tok.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
+               **kwargs) -> str:
+        """Token ids (list, 1-D tensor/array) -> text. Keywords as transformers' ``decode``."""
+        text = self._tok.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        return self._clean(text, clean_up_tokenization_spaces)
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None, **kwargs) -> list[str]:
         """A batch (list of lists, or 2-D tensor/array) -> list of texts."""
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
-        return self._tok.decode_batch([_as_id_list(s) for s in sequences], skip_special_tokens=skip_special_tokens)
+        texts = self._tok.decode_batch([_as_id_list(s) for s in sequences], skip_special_tokens=skip_special_tokens)
+        return [self._clean(t, clean_up_tokenization_spaces) for t in texts]
+
+    def _clean(self, text: str, clean_up: bool | None) -> str:
+        """transformers' ``clean_up_tokenization`` when asked (default: the tokenizer config's setting),
+        with transformers' rule that BPE tokenizers skip it unless the config insists."""
+        if clean_up is None:
+            clean_up = bool(self.config.get("clean_up_tokenization_spaces", False))
+        if not clean_up:
+            return text
+        bpe = type(getattr(self._tok, "model", None)).__name__ == "BPE"
+        if bpe and not self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"):
+            return text  # transformers skips the WordPiece-era cleanup for BPE models (Qwen's) too
+        for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            text = text.replace(a, b)
+        return text
 
 
 class IncrementalDetokenizer:

@@ -96,16 +96,15 @@ def target_video_size(num_frames: int, height: int, width: int, params: VideoPar
 def resize_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8, bicubic with antialiasing.
 
-    Matches a torchvision tensor resize on uint8 (float math, then round and clamp).
+    Resizes the uint8 tensor itself (as torchvision does): PyTorch's uint8 kernel rounds and
+    clamps between its horizontal and vertical passes, so this is bit-exact with the reference.
     """
     x = torch.from_numpy(frames)
     if x.shape[1:3] == (height, width):
         return x
-    # planar copy in uint8 first: interpolating a planar float tensor is ~2x faster than a strided one
-    x = x.permute(0, 3, 1, 2).contiguous().float()  # (T, 3, H, W)
+    x = x.permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, channels-last in memory
     y = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-    y = y.round_().clamp_(0, 255).to(torch.uint8)
-    return y.permute(0, 2, 3, 1)  # (T, h, w, 3), a strided view; patchify gathers from it directly
+    return y.permute(0, 2, 3, 1)  # (T, h, w, 3) uint8
 
 
 def slice_timestamps(indices, fps: float, temporal_patch_size: int = 2) -> list[float]:
@@ -127,19 +126,22 @@ class ProcessedVideo:
     total_frames: int
 
 
-def preprocess_video(clip: VideoClip, params: VideoParams, *, index: int | None = None,
+def preprocess_video(clip: VideoClip, params: VideoParams, *, index: int | None = None, do_resize: bool = True,
                      **size_overrides) -> ProcessedVideo:
-    """Sampled frames -> patch rows, grid and per-slice timestamps."""
+    """Sampled frames -> patch rows, grid and per-slice timestamps (``do_resize=False``: frames as given)."""
     v = params.vision
     t, h, w, _ = clip.frames.shape
     try:
-        th, tw = target_video_size(t, h, w, params, **size_overrides)
+        if not do_resize and (h % v.factor or w % v.factor):
+            raise ImageSizeError(f"do_resize=False needs frame sides that are multiples of {v.factor}, got {w}x{h}",
+                                 kind="video")
+        th, tw = (h, w) if not do_resize else target_video_size(t, h, w, params, **size_overrides)
     except ImageSizeError as exc:
         raise ImageSizeError(exc.reason, kind="video", index=index) from None
     frames = resize_frames(clip.frames, th, tw)  # (T, th, tw, 3) uint8
     if pad := -t % v.temporal_patch_size:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], 0)
-    rows = patchify_frames(frames, v)  # (gt*gh*gw, 1536)
+    rows = patchify_frames(frames, v, subtract_divide=True)  # (gt*gh*gw, 1536), the reference's arithmetic
     grid = (frames.shape[0] // v.temporal_patch_size, th // v.patch_size, tw // v.patch_size)
     return ProcessedVideo(rows, grid, list(clip.indices), slice_timestamps(clip.indices, clip.fps,
                           v.temporal_patch_size), clip.fps, clip.total_frames)
