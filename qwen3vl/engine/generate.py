@@ -41,8 +41,9 @@ def pad_id(model) -> int:
     else config.json's."""
     gen = model.generation_config
     pad = gen.get("pad_token_id")
-    if pad is None:
-        pad = gen.get("eos_token_id", model.config.text.pad_token_id or model.config.text.eos_token_id)
+    for fallback in (gen.get("eos_token_id"), model.config.text.pad_token_id, model.config.text.eos_token_id):
+        if pad is None:
+            pad = fallback  # explicit None checks: 0 is a valid id
     if isinstance(pad, list):
         pad = pad[0]
     if pad is None:
