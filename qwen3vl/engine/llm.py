@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from ..demo import demo_checkpoint, is_demo
 from ..model.qwen3vl import resolve_model_path
-from ..processor import Processor
+from ..processor import MediaLimits, Processor
 from ..processor.options import MEDIA_OPTIONS
 from .engine import Engine
 from .generate import MODEL_INPUTS
@@ -31,13 +31,13 @@ TEMPLATE_OPTIONS = ("add_vision_id", "tools", "enable_thinking")
 class LLM:
     def __init__(self, model: str | None = None, dtype="auto", device="cpu", max_num_seqs: int = 8,
                  max_model_len: int | None = None, progress: bool | None = None, quantization: str | None = None,
-                 group_size: int = 64):
+                 group_size: int = 64, media_limits: MediaLimits | None = None):
         path = demo_checkpoint() if model is None else resolve_model_path(model)
         self.path = path
         self.is_demo = is_demo(path)
         self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress,
                                              quantization=quantization, group_size=group_size)
-        self.processor = Processor.from_pretrained(path)
+        self.processor = Processor.from_pretrained(path, limits=media_limits)
         self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len)
 
     # ------------------------------------------------------------------ inputs

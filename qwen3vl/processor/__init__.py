@@ -4,10 +4,11 @@ from __future__ import annotations
 from .errors import (EmptyMediaError, ImageSizeError, MediaDecodeError, MediaError, MediaFetchError,
                      MediaNotFoundError, UnsupportedMediaError)
 from .components import ImageProcessor, VideoProcessor
+from .limits import MediaLimits
 from .processor import BatchFeature, Processor
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .vision_info import process_vision_info
 
-__all__ = ["Processor", "BatchFeature", "ImageProcessor", "VideoProcessor", "process_vision_info", "Tokenizer",
+__all__ = ["Processor", "BatchFeature", "ImageProcessor", "VideoProcessor", "process_vision_info", "MediaLimits", "Tokenizer",
            "IncrementalDetokenizer", "MediaError", "MediaNotFoundError", "MediaFetchError",
            "MediaDecodeError", "EmptyMediaError", "UnsupportedMediaError", "ImageSizeError"]

@@ -17,6 +17,7 @@ from . import chat
 from .chat import MediaItem
 from .components import ImageProcessor, VideoProcessor
 from .image import VisionParams, preprocess_image
+from .limits import MediaLimits
 from .media import load_image, load_video
 from .options import CALL_OPTIONS
 from .tokenizer import Tokenizer
@@ -63,8 +64,10 @@ class Processor:
     """Qwen3-VL input processor (images, videos, tokenizer, chat template)."""
 
     def __init__(self, tokenizer: Tokenizer, image_params: VisionParams | None = None,
-                 video_params: VideoParams | None = None, chat_template: str | None = None):
+                 video_params: VideoParams | None = None, chat_template: str | None = None,
+                 limits: MediaLimits | None = None):
         self.tokenizer = tokenizer
+        self.limits = limits or MediaLimits()  # what one call may fetch / decode / keep
         self.image_processor = ImageProcessor(image_params or VisionParams())
         self.video_processor = VideoProcessor(video_params or VideoParams(VisionParams(min_pixels=4096,
                                                                                        max_pixels=25165824)))
@@ -88,7 +91,7 @@ class Processor:
         return self.video_processor.video_params()
 
     @classmethod
-    def from_pretrained(cls, path: str, **overrides) -> "Processor":
+    def from_pretrained(cls, path: str, limits: MediaLimits | None = None, **overrides) -> "Processor":
         """Build from a local checkpoint folder (preprocessor/video configs, tokenizer, template)."""
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -96,7 +99,7 @@ class Processor:
         image_cfg = {**_read_json(os.path.join(path, "preprocessor_config.json")), **overrides}
         video_cfg = _read_json(os.path.join(path, "video_preprocessor_config.json")) or image_cfg
         return cls(Tokenizer.from_pretrained(path), VisionParams.from_config(image_cfg),
-                   VideoParams.from_config(video_cfg), chat.load_chat_template(path))
+                   VideoParams.from_config(video_cfg), chat.load_chat_template(path), limits)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
