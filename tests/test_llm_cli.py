@@ -48,7 +48,7 @@ def test_demo_is_labelled_and_uses_real_tokenizer(llm):
 
 def test_chat_usage_counts_and_greedy_matches_model_generate(llm):
     msgs = image_message()
-    res = llm.chat(msgs, max_tokens=16, temperature=0)
+    res = llm.chat(msgs, max_tokens=16, temperature=0, presence_penalty=0)  # the Instruct default is 1.5
     batch = llm.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="pt")
     n_img = int((batch["input_ids"] == 151655).sum())

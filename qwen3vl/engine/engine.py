@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .constrained import Constraint, GrammarCache, advance, apply_masks
 from .errors import PromptTooLong
+from .output_parser import OutputFormat
 from .request import Delta, PrefillGroup, Request
 from .runner import Runner
 from .sampling import Sampler, SamplingState
@@ -50,6 +52,8 @@ class Engine:
         self.stop_token_ids = checkpoint_stop_ids(model.generation_config.get("eos_token_id"),
                                                   model.config.text.eos_token_id,
                                                   None if processor is None else processor.tokenizer.eos_token_id)
+        self.grammars = None if processor is None else GrammarCache(processor.tokenizer, self.vocab,
+                                                                     self.stop_token_ids)
         ids = processor if processor is not None else model.config
         self.media_token_ids = (ids.image_token_id, ids.video_token_id)
         self._rows: list[Request] = []  # decode batch membership, in slot order
@@ -65,16 +69,25 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def new_request(self, inputs: dict, params: SamplingParams, metadata: dict | None = None,
-                    shares_prompt: bool = False) -> Request:
+                    shares_prompt: bool = False, output: OutputFormat | None = None,
+                    constraint: Constraint | None = None) -> Request:
         """One processed prompt (``input_ids`` (1, T) and its media tensors) -> a request to ``submit``.
 
         Unset stop token ids become the checkpoint's; a budget past ``max_model_len`` is shortened
-        to what fits. Raises ``PromptTooLong`` when not even one token fits.
+        to what fits. Raises ``PromptTooLong`` when not even one token fits. ``output``: split the
+        text into reasoning / answer / tool calls (``Delta`` and ``ChatResult`` fields);
+        ``constraint``: grammar-constrained output (raises ``ConstraintError`` if it cannot compile).
         """
         if inputs["input_ids"].shape[0] != 1:
             raise ValueError("one request holds one prompt")
         params = self._fit(params, inputs["input_ids"].shape[1])
-        return Request(inputs, params, self.tokenizer, *self.media_token_ids, metadata, shares_prompt)
+        req = Request(inputs, params, self.tokenizer, *self.media_token_ids, metadata, shares_prompt,
+                      output=output)
+        if constraint is not None:
+            if self.grammars is None:
+                raise ValueError("constrained output needs the engine's processor (its tokenizer)")
+            req.matcher = self.grammars.matcher(constraint)
+        return req
 
     def new_group(self, inputs: dict, params: list[SamplingParams]) -> list[Request]:
         """A batch of B prompts (``input_ids`` (B, T), left-padded where ``attention_mask`` says so,
@@ -173,9 +186,11 @@ class Engine:
             req.next_position = int(next_position[i])
             req.inputs = None  # pixel values are not needed any more
             req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
+            apply_masks(logits[i : i + 1], [req.live_matcher])
             if self.on_logits is not None:
                 self.on_logits([req], logits[i : i + 1], self.sampler.process_logits(logits[i : i + 1], req.state))
             token = int(self.sampler(logits[i : i + 1], req.state)[0])
+            advance([req.live_matcher], [token])
             out.append((req, self._finish_if_done(req, req.add_token(token))))
         if group is not None:
             group.inputs = None
@@ -211,9 +226,12 @@ class Engine:
         logits = self.runner.decode(rows[0], rows[1], rows[2], end)  # (width, V), ours to overwrite
         if not dense:
             logits = logits[torch.tensor(slots, device=logits.device)]
+        matchers = [r.live_matcher for r in running]
+        apply_masks(logits, matchers)
         if self.on_logits is not None:
             self.on_logits(running, logits, self.sampler.process_logits(logits, self._batch_state(running)))
         next_ids = self.sampler(logits, self._batch_state(running), scratch=True).tolist()
+        advance(matchers, next_ids)
         out = []
         for r, tok in zip(running, next_ids):
             r.cache_len += 1

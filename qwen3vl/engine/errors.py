@@ -39,4 +39,12 @@ class InvalidParameter(ValueError):
         return f"{names.get(self.param, self.param)} {rule}, got {self.value!r}"
 
 
-__all__ = ["PromptTooLong", "InvalidParameter"]
+class ConstraintError(ValueError):
+    """A structured-output request (``response_format``, ``tool_choice``) that cannot be enforced."""
+
+    def __init__(self, param: str, reason: str):
+        self.param, self.reason = param, reason
+        super().__init__(f"{param}: {reason}")
+
+
+__all__ = ["PromptTooLong", "InvalidParameter", "ConstraintError"]

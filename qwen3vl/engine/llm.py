@@ -6,8 +6,10 @@
     print(res.text, res.finish_reason, res.usage)
     for delta in llm.stream_chat(messages): print(delta.text, end="")
 
-Sampling settings default to the checkpoint's generation_config.json; ``max_tokens`` is accepted
-as an alias of ``max_new_tokens``. Several conversations in one ``chat`` call run as one
+Sampling settings default to the checkpoint's generation_config.json over the variant's
+recommended ones (Instruct / Thinking); ``max_tokens`` is accepted as an alias of
+``max_new_tokens``. A Thinking checkpoint's results carry ``.reasoning`` apart from ``.text``;
+with ``tools=[...]``, tool calls the model makes come back parsed in ``.tool_calls``. Several conversations in one ``chat`` call run as one
 continuous batch.
 """
 from __future__ import annotations
@@ -17,15 +19,20 @@ from collections.abc import Iterator
 from ..demo import demo_checkpoint, is_demo
 from ..model.qwen3vl import resolve_model_path
 from ..processor import MediaLimits, Processor
+from ..processor.chat import opens_thinking
 from ..processor.options import MEDIA_OPTIONS
 from .engine import Engine
 from .generate import MODEL_INPUTS
 from .hf import Qwen3VL
+from .constrained import request_constraint
+from .output_parser import OutputFormat
 from .request import ChatResult, Delta, Request
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, variant_defaults
 
 # Keyword arguments of chat / stream_chat that reach the chat template.
 TEMPLATE_OPTIONS = ("add_vision_id", "tools", "enable_thinking")
+# Keyword arguments of chat / stream_chat that constrain the output (OpenAI's names).
+CONSTRAINT_OPTIONS = ("tool_choice", "response_format", "parallel_tool_calls")
 
 
 class LLM:
@@ -39,6 +46,8 @@ class LLM:
                                              quantization=quantization, group_size=group_size)
         self.processor = Processor.from_pretrained(path, limits=media_limits)
         self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len)
+        # A Thinking checkpoint: outputs start inside the reasoning; its own sampling defaults apply.
+        self.thinking = opens_thinking(self.processor.chat_template)
 
     # ------------------------------------------------------------------ inputs
     def sampling_params(self, sampling_params: SamplingParams | None = None, **kw) -> SamplingParams:
@@ -46,11 +55,19 @@ class LLM:
             return sampling_params
         if "max_tokens" in kw:
             kw["max_new_tokens"] = kw.pop("max_tokens")
-        return SamplingParams.from_generation_config(self.model.generation_config, **kw)
+        return SamplingParams.from_generation_config(variant_defaults(self.thinking, self.model.generation_config),
+                                                     **kw)
 
     def request(self, messages: list[dict], params: SamplingParams, mm_processor_kwargs: dict | None = None,
+                tool_choice=None, response_format: dict | None = None, parallel_tool_calls: bool = True,
                 **template_kwargs) -> Request:
-        """Process one conversation into an engine request (raises on bad input)."""
+        """Process one conversation into an engine request (raises on bad input). ``tools`` (a
+        template keyword) are offered to the model and its calls parsed; ``tool_choice`` "none"
+        leaves them out; "required" / a named function and ``response_format`` constrain the output."""
+        if tool_choice == "none":
+            template_kwargs.pop("tools", None)
+        constraint = request_constraint(template_kwargs.get("tools"), tool_choice, response_format,
+                                        parallel_tool_calls, self.thinking)
         options = dict(mm_processor_kwargs or {})
         unknown = set(options) - set(MEDIA_OPTIONS)
         if unknown:
@@ -61,7 +78,8 @@ class LLM:
         # The model takes tensors; sampled-frame metadata stays with the request (ChatResult.metadata).
         model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs and k != "attention_mask"}
         metadata = {k: v for k, v in inputs.items() if k not in MODEL_INPUTS and k != "mm_token_type_ids"}
-        return self.engine.new_request(model_inputs, params, metadata)
+        output = OutputFormat(reasoning=self.thinking, tool_calls=bool(template_kwargs.get("tools")))
+        return self.engine.new_request(model_inputs, params, metadata, output=output, constraint=constraint)
 
     def prompt_request(self, prompt: str, params: SamplingParams) -> Request:
         """Raw prompt text (no chat template; no media) into an engine request."""
@@ -72,7 +90,7 @@ class LLM:
         batched = bool(messages) and isinstance(messages[0], list)
         convs = messages if batched else [messages]
         mm = kw.pop("mm_processor_kwargs", None)
-        template = {k: kw.pop(k) for k in TEMPLATE_OPTIONS if k in kw}
+        template = {k: kw.pop(k) for k in TEMPLATE_OPTIONS + CONSTRAINT_OPTIONS if k in kw}
         params = self.sampling_params(sampling_params, **kw)
         return batched, [self.request(c, params, mm, **template) for c in convs]
 

@@ -6,8 +6,10 @@ import itertools
 from dataclasses import dataclass, field
 
 from ..processor.tokenizer import IncrementalDetokenizer
+from .output_parser import OutputFormat, OutputParser
 from .sampling_params import SamplingParams
 from .stopping import StopChecker
+from .tool_calls import ToolCall, ToolCallDelta
 
 _ids = itertools.count()
 
@@ -26,11 +28,13 @@ class Usage:
 
 @dataclass
 class ChatResult:
-    text: str
+    text: str           # the answer (without reasoning and tool calls when those are parsed)
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "tool_calls"
     usage: Usage
     metadata: dict = field(default_factory=dict)  # e.g. sampled video frames and timestamps
+    reasoning: str = ""  # a Thinking model's reasoning
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Delta:
     text: str
     token_ids: list[int]
     result: ChatResult | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -62,7 +68,8 @@ class Request:
     ``tokenizer`` None: token ids only, no text (stop strings then never match)."""
 
     def __init__(self, inputs: dict, params: SamplingParams, tokenizer, image_token_id: int, video_token_id: int,
-                 metadata: dict | None = None, shares_prompt: bool = False, group: PrefillGroup | None = None):
+                 metadata: dict | None = None, shares_prompt: bool = False, group: PrefillGroup | None = None,
+                 output: OutputFormat | None = None):
         self.id = next(_ids)
         self.inputs = inputs  # one prompt: input_ids (1, T) (its real tokens), pixel values, grids
         self.params = params
@@ -75,6 +82,9 @@ class Request:
         if group is not None:
             group.requests.append(self)
         self.stop = StopChecker(params)
+        self.parser = OutputParser(output) if output is not None and (output.reasoning or output.tool_calls) else None
+        self._answer = self._reasoning = ""
+        self.matcher = None  # grammar matcher of a constrained request (engine.constrained)
         self.result: ChatResult | None = None
         self.metadata = dict(metadata or {})
         self.shares_prompt = shares_prompt
@@ -85,6 +95,12 @@ class Request:
         self.aborted = False
         self.error: Exception | None = None
         self.state = None  # SamplingState of this request alone, until it joins the decode batch
+
+    @property
+    def live_matcher(self):
+        """The grammar matcher while it applies: a Thinking model's reasoning is left free."""
+        reasoning = None if self.parser is None else self.parser.reasoning
+        return None if reasoning is not None and reasoning.in_reasoning else self.matcher
 
     @property
     def prompt_len(self) -> int:
@@ -101,16 +117,42 @@ class Request:
                 tail = self.detok.flush()
                 text += tail
                 self.stop.text += tail
+        delta = self._parse(text, res.finished)
+        delta.token_ids = [token]
         if res.finished:
             self._finish(res.finish_reason)
-        return Delta(text, [token], self.result)
+        delta.result = self.result
+        return delta
+
+    def _parse(self, text: str, final: bool) -> Delta:
+        """The new text split into answer, reasoning and tool-call deltas (when the output is parsed)."""
+        if self.parser is None:
+            return Delta(text, [])
+        parsed = self.parser.feed(text)
+        if final:
+            last = self.parser.finish()
+            parsed.content += last.content
+            parsed.reasoning += last.reasoning
+            parsed.tool_calls += last.tool_calls
+        self._answer += parsed.content
+        self._reasoning += parsed.reasoning
+        return Delta(parsed.content, [], reasoning=parsed.reasoning, tool_calls=parsed.tool_calls)
 
     def _finish(self, reason: str) -> None:
         self.usage.completion_tokens = len(self.output_ids)
-        self.result = ChatResult(self.stop.text, list(self.output_ids), reason, self.usage, self.metadata)
+        if self.parser is None:
+            self.result = ChatResult(self.stop.text, list(self.output_ids), reason, self.usage, self.metadata)
+            return
+        calls = list(self.parser.calls)
+        if calls and reason == "stop":
+            reason = "tool_calls"
+        self.result = ChatResult(self._answer, list(self.output_ids), reason, self.usage, self.metadata,
+                                 self._reasoning, calls)
 
     def abort(self) -> Delta:
         """End the request early (client gone, engine shutting down)."""
         self.aborted = True
+        delta = self._parse("", True) if self.parser is not None and self.result is None else Delta("", [])
         self._finish("abort")
-        return Delta("", [], self.result)
+        delta.result = self.result
+        return delta

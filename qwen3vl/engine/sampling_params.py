@@ -26,6 +26,7 @@ _CONFIG_KEYS = {
     "top_p": "top_p",
     "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
     "max_new_tokens": "max_new_tokens",
     "min_new_tokens": "min_new_tokens",
     "eos_token_id": "stop_token_ids",
@@ -60,6 +61,18 @@ def checkpoint_stop_ids(*candidates: Any) -> tuple[int, ...]:
         if ids:
             return ids
     return FALLBACK_STOP_TOKEN_IDS
+
+# The official README's recommended settings per variant ("Generation Hyperparameters", VL models),
+# used where the checkpoint's generation_config.json says nothing (it wins where it does).
+INSTRUCT_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5,
+                     "max_new_tokens": 16384}
+THINKING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "presence_penalty": 0.0,
+                     "max_new_tokens": 40960}
+
+
+def variant_defaults(thinking: bool, generation_config: Mapping[str, Any] | None) -> dict:
+    """The generation config a request starts from: the variant's defaults, then the checkpoint's file."""
+    return {**(THINKING_DEFAULTS if thinking else INSTRUCT_DEFAULTS), **(generation_config or {})}
 
 
 @dataclass(frozen=True)
@@ -149,4 +162,4 @@ class SamplingParams:
         return self if self.stop_token_ids is not None else replace(self, stop_token_ids=stop_token_ids)
 
 
-__all__ = ["SamplingParams", "checkpoint_stop_ids", "FALLBACK_STOP_TOKEN_IDS"]
+__all__ = ["SamplingParams", "checkpoint_stop_ids", "variant_defaults", "FALLBACK_STOP_TOKEN_IDS"]

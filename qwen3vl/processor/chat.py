@@ -141,5 +141,17 @@ def render(template: str, messages: list[dict], *, add_generation_prompt: bool =
         add_generation_prompt=add_generation_prompt, **{k: _plain(v) for k, v in variables.items()})
 
 
-__all__ = ["MediaItem", "load_chat_template", "compile_template", "normalize_conversation", "extract_media",
+def opens_thinking(template: str | None, special_tokens: dict | None = None) -> bool:
+    """A Thinking chat template: its generation prompt opens the reasoning (``...assistant\n<think>\n``)."""
+    if not template:
+        return False
+    try:
+        prompt = render(template, [{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                        special_tokens=special_tokens)
+    except jinja2.TemplateError:
+        return False
+    return prompt.rstrip(" ").endswith("<think>\n")
+
+
+__all__ = ["opens_thinking", "MediaItem", "load_chat_template", "compile_template", "normalize_conversation", "extract_media",
            "is_batched", "render"]

@@ -47,6 +47,10 @@ class Tokenizer:
                 config = json.load(f)
         return cls(backend, config)
 
+    def to_json(self) -> str:
+        """The whole tokenizer (added tokens included) as tokenizer.json text, for grammar engines."""
+        return self._tok.to_str()
+
     def special_token(self, name: str, default: str) -> str:
         """A named special token (e.g. ``image_token``) as the config names it, at its top level or in
         ``extra_special_tokens``; ``default`` when it names none."""
