@@ -1,9 +1,14 @@
 """``qwen3vl.processor.vision_info.process_vision_info`` against qwen-vl-utils 0.0.14 (test extra).
 
 Same inputs to both; images must come back the same size and pixel-identical, videos as identical
-float32 (T, C, H, W) tensors with the same metadata and video_kwargs.
+float32 (T, C, H, W) tensors with the same metadata and video_kwargs. ``video_start`` / ``video_end``
+are compared with qwen-vl-utils' torchcodec reader (torchcodec stood in for by PyAV, test-only).
 """
 from __future__ import annotations
+
+import sys
+import types
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -134,3 +139,60 @@ def test_num_frames_alias_and_errors(tmp_path):
     with pytest.raises(MediaError, match="image #1"):
         process_vision_info(msgs({"type": "image", "image": random_image(50, 50)},
                                  {"type": "image", "image": str(tmp_path / "missing.png")}))
+
+
+class _StandInVideoDecoder:
+    """Test-only stand-in for ``torchcodec.decoders.VideoDecoder`` (not installed here), decoding with
+    PyAV, so that qwen-vl-utils' torchcodec reader (the README's recommended backend, the one that
+    honours ``video_start`` / ``video_end`` by frame index) runs unchanged."""
+
+    def __init__(self, path, num_ffmpeg_threads=0):
+        self._frames, fps = decode_all(path)
+        self.metadata = types.SimpleNamespace(average_fps=fps, num_frames=len(self._frames))
+
+    def get_frames_at(self, indices):
+        return types.SimpleNamespace(data=torch.from_numpy(self._frames[list(indices)]).permute(0, 3, 1, 2))
+
+
+@pytest.fixture
+def qvu_torchcodec(qvu, monkeypatch):
+    decoders = types.ModuleType("torchcodec.decoders")
+    decoders.VideoDecoder = _StandInVideoDecoder
+    monkeypatch.setitem(sys.modules, "torchcodec", types.ModuleType("torchcodec"))
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    monkeypatch.setattr(qvu, "get_video_reader_backend", lambda: "torchcodec")
+    return qvu
+
+
+WINDOWS = [{"video_start": 1.0, "video_end": 3.0}, {"video_start": 0.5}, {"video_end": 2.2},
+           {"video_start": 1.3, "video_end": 2.9, "fps": 4}, {"video_start": 1.0, "video_end": 3.5, "nframes": 8},
+           {"video_start": -2, "video_end": 99}, {"video_start": 0.3, "max_pixels": 128 * 32 * 32}]
+
+
+@pytest.mark.parametrize("clip", [(100, 25, 97, 61), (60, Fraction(30000, 1001), 34, 200)],
+                         ids=lambda c: f"{c[0]}f@{float(c[1]):.2f}-{c[2]}x{c[3]}")
+def test_video_start_end_match_qwen_vl_utils(qvu_torchcodec, tmp_path, clip):
+    n, fps, width, height = clip
+    path = write_noise_video(str(tmp_path / "v.mp4"), n, fps, width, height)
+    for opts in WINDOWS:
+        conv = msgs({"type": "video", "video": path, **opts})
+        kw = dict(image_patch_size=16, return_video_kwargs=True, return_video_metadata=True)
+        ref, ours = qvu_torchcodec.process_vision_info(conv, **kw), process_vision_info(conv, **kw)
+        (a, meta_a), (b, meta_b) = ours[1][0], ref[1][0]
+        assert meta_b["video_backend"] == "torchcodec" and a.shape == b.shape, opts
+        assert torch.equal(a, b), (opts, (a - b).abs().max())
+        assert list(map(int, meta_a["frames_indices"])) == list(map(int, meta_b["frames_indices"])), opts
+        assert meta_a["total_num_frames"] == meta_b["total_num_frames"], opts
+        assert meta_a["fps"] == pytest.approx(meta_b["fps"]) and ours[2] == ref[2], opts
+    no_window = process_vision_info(msgs({"type": "video", "video": path, "nframes": 8}), **kw)
+    assert list(map(int, no_window[1][0][1]["frames_indices"]))[-1] == n - 1
+
+
+def test_video_start_end_errors(tmp_path):
+    path = write_noise_video(str(tmp_path / "v.mp4"), 30, 10)  # 3 s
+    for opts in ({"video_start": 2.5, "video_end": 1.0}, {"video_start": 5.0}, {"video_start": "1"}):
+        with pytest.raises(UnsupportedMediaError, match="video #0.*video_start"):
+            process_vision_info(msgs({"type": "video", "video": path, **opts}), image_patch_size=16)
+    frames = [random_image(97, 61, seed=i) for i in range(4)]  # frame lists ignore the window, as qwen-vl-utils
+    _, videos = process_vision_info(msgs({"type": "video", "video": frames, "video_start": 1.0}), image_patch_size=16)
+    assert videos[0].shape[0] == 4

@@ -6,7 +6,10 @@ float32 tensors (T, C, H, W) holding uint8 values (antialiased bicubic resize in
 clamped and rounded, as torchvision's tensor resize that qwen-vl-utils calls), with an even frame count; optionally each with its metadata dict
 (``fps``, ``frames_indices``, ``total_num_frames``) and ``video_kwargs`` for the processor.
 Per-item options: ``resized_height``/``resized_width``, ``min_pixels``, ``max_pixels``,
-``total_pixels``, ``fps``, ``nframes`` (alias ``num_frames``), ``min_frames``, ``max_frames``.
+``total_pixels``, ``fps``, ``nframes`` (alias ``num_frames``), ``min_frames``, ``max_frames``, and
+``video_start`` / ``video_end`` (seconds: sample only that window of a video file or URL; frames
+``ceil(start * fps)`` to ``floor(end * fps)``, as qwen-vl-utils' decord and torchcodec readers;
+``frames_indices`` stay indices into the whole video, ``total_num_frames`` counts the window).
 """
 from __future__ import annotations
 
@@ -133,15 +136,41 @@ def _video_frames(ele: dict, factor: int, index: int):
     state = {}
 
     def sampler(total, video_fps):
-        n = smart_nframes(ele, total, video_fps, index=index)
-        state.update(total=total, fps=video_fps, n=n)
-        return torch.linspace(0, total - 1, n).round().long().tolist()
+        start, end, count = video_frame_range(ele, total, video_fps, index=index)
+        n = smart_nframes(ele, count, video_fps, index=index)
+        state["count"] = count
+        return torch.linspace(start, end, n).round().long().tolist()
 
     clip = load_video(source, sampler, index=index)
     frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
+    count = state.get("count", clip.total_frames)
     meta = dict(fps=clip.fps, frames_indices=torch.tensor(clip.indices, dtype=torch.int64),
-                total_num_frames=clip.total_frames, video_backend="pyav")
-    return frames, meta, len(clip.indices) / max(clip.total_frames, 1e-6) * clip.fps
+                total_num_frames=count, video_backend="pyav")
+    return frames, meta, len(clip.indices) / max(count, 1e-6) * clip.fps
+
+
+def video_frame_range(ele: dict, total_frames: int, video_fps: float, *, index: int = 0) -> tuple[int, int, int]:
+    """(first frame, last frame, frame count) of the ``video_start`` / ``video_end`` window, in
+    seconds, clamped to the video (qwen-vl-utils' ``calculate_video_frame_range``); the whole video
+    when neither is given."""
+    start_s, end_s = ele.get("video_start"), ele.get("video_end")
+    if start_s is None and end_s is None:
+        return 0, total_frames - 1, total_frames
+    err = dict(kind="video", index=index)
+    duration = total_frames / video_fps
+    for name, value in (("video_start", start_s), ("video_end", end_s)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise UnsupportedMediaError(f"{name} must be a number of seconds, got {value!r}", **err)
+    start = math.ceil(max(0.0, min(start_s, duration)) * video_fps) if start_s is not None else 0
+    end = total_frames - 1
+    if end_s is not None:
+        end = min(math.floor(max(0.0, min(end_s, duration)) * video_fps), total_frames - 1)
+    if start >= end:
+        raise UnsupportedMediaError(
+            f"empty time range: video_start={start_s!r} s, video_end={end_s!r} s select frames {start}..{end} of "
+            f"this {duration:.2f} s video ({total_frames} frames at {video_fps:g} fps)", **err)
+    return start, end, end - start + 1
 
 
 def video_target_size(ele: dict, nframes: int, height: int, width: int, factor: int, index: int = 0):
@@ -201,4 +230,4 @@ def process_vision_info(conversations, return_video_kwargs: bool = False, return
 
 
 __all__ = ["process_vision_info", "extract_vision_info", "fetch_image", "fetch_video", "smart_nframes",
-           "MediaError"]
+           "video_frame_range", "MediaError"]
