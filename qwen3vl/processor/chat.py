@@ -90,15 +90,52 @@ def _normalize_block(block) -> dict:
     return block
 
 
+# Names a message's reasoning may come under; templates read the first (as transformers aliases them).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
 def normalize_conversation(conversation) -> list[dict]:
-    """Copy of the messages with None values dropped and content blocks in one form."""
+    """Copy of the messages with None values dropped, content blocks in one form, and reasoning
+    given as ``reasoning`` / ``thinking`` also under ``reasoning_content``."""
     messages = []
     for message in conversation:
         message = {k: v for k, v in message.items() if v is not None}
         if isinstance(message.get("content"), list):
             message["content"] = [_normalize_block(b) for b in message["content"]]
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         messages.append(message)
     return messages
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def render_continuing(template: str, messages: list[dict], field: str = "content", **kwargs) -> str:
+    """Render with the prompt cut right after the final message's ``field`` (its text is continued),
+    as transformers' ``continue_final_message`` does: the text is tagged, rendered, cut at the tag."""
+    if not messages or messages[-1].get(field) is None:
+        raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue')
+    messages = [dict(m) for m in messages]
+    final = messages[-1]
+    fields = [f for f in REASONING_FIELDS if final.get(f) == final[field]] if field in REASONING_FIELDS else [field]
+    value = final[field]
+    if isinstance(value, list):
+        block = next((b for b in reversed(value) if isinstance(b, dict) and "text" in b), None)
+        if block is None:
+            raise ValueError("continue_final_message is set but the final message has no text to continue")
+        value = block["text"]
+        final[field] = [dict(b, text=b["text"] + _CONTINUE_TAG) if b is block else b for b in final[field]]
+    else:
+        for name in fields:
+            final[name] = final[name] + _CONTINUE_TAG
+    text = render(template, messages, **kwargs)
+    if value.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise ValueError("continue_final_message is set but the chat template drops part of the final message "
+                         f"(it does not appear in the rendered prompt): {value.strip()[:80]!r}")
+    cut = text.rindex(_CONTINUE_TAG.strip())
+    return text[:cut] if text[cut: cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:cut].rstrip()
 
 
 def extract_media(messages: list[dict]) -> list[MediaItem]:
@@ -153,5 +190,5 @@ def opens_thinking(template: str | None, special_tokens: dict | None = None) -> 
     return prompt.rstrip(" ").endswith("<think>\n")
 
 
-__all__ = ["opens_thinking", "MediaItem", "load_chat_template", "compile_template", "normalize_conversation", "extract_media",
+__all__ = ["opens_thinking", "render_continuing", "REASONING_FIELDS", "MediaItem", "load_chat_template", "compile_template", "normalize_conversation", "extract_media",
            "is_batched", "render"]

@@ -44,6 +44,21 @@ class ImageSizeError(MediaError):
     """Image geometry the model cannot take (aspect ratio over 200, zero size)."""
 
 
+class MediaOptionError(ImageSizeError):
+    """A size / sampling option (``max_pixels``, ``fps``, ``num_frames``...) that is not a finite
+    number in its range. An ``ImageSizeError`` too: that is what bad pixel options raised before."""
+
+
+class MediaLimitError(MediaError):
+    """An item over a :class:`~qwen3vl.processor.limits.MediaLimits` bound (pixels, frames, item
+    count, bytes, time); the message names the bound and its value."""
+
+
+class ForbiddenURLError(MediaFetchError):
+    """A URL the fetcher refuses to follow: another scheme, a private / loopback address, a host
+    outside ``allowed_domains``, too many redirects."""
+
+
 def describe_source(source: object, limit: int = 80) -> str:
     """A short, printable description of a media source (never dumps base64 payloads)."""
     if source is None:

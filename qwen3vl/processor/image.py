@@ -12,9 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ImageSizeError
+from .errors import ImageSizeError, MediaOptionError
+from .limits import MediaLimits
 
 MAX_ASPECT_RATIO = 200
+# Bound of a pixel option read without a caller's MediaLimits (qwen-vl-utils' process_vision_info)
+OPTION_PIXELS = MediaLimits().max_option_pixels
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,15 @@ def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 65
 ITEM_MIN_TOKENS, ITEM_MAX_TOKENS = 4, 16384
 
 
-def _positive(name: str, value) -> int:
+def _positive(name: str, value, limit: int | None = OPTION_PIXELS) -> int:
+    """A positive integer option; ``limit`` None: the caller checked it against its own MediaLimits."""
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: infinity
         number = None
-    if number is None or isinstance(value, bool) or number <= 0 or number != value:
-        raise ImageSizeError(f"{name} must be a positive integer, got {value!r}", kind="image")
+    if number is None or isinstance(value, bool) or number <= 0 or number != value or (limit and number > limit):
+        bound = f" <= {limit} (max_option_pixels)" if limit else ""
+        raise MediaOptionError(f"{name} must be a positive integer{bound}, got {value!r}", kind="image")
     return number
 
 
@@ -123,10 +128,10 @@ def target_image_size(height: int, width: int, params: VisionParams, *, min_pixe
     if (resized_height is None) != (resized_width is None):
         raise ImageSizeError("resized_height and resized_width must be given together", kind="image")
     if resized_height is not None:
-        rh, rw = _positive("resized_height", resized_height), _positive("resized_width", resized_width)
+        rh, rw = _positive("resized_height", resized_height, None), _positive("resized_width", resized_width, None)
         return item_smart_resize(rh, rw, f, ITEM_MIN_TOKENS * f * f, ITEM_MAX_TOKENS * f * f)
-    lo = _positive("min_pixels", min_pixels) if min_pixels is not None else None
-    hi = _positive("max_pixels", max_pixels) if max_pixels is not None else None
+    lo = _positive("min_pixels", min_pixels, None) if min_pixels is not None else None
+    hi = _positive("max_pixels", max_pixels, None) if max_pixels is not None else None
     if item_options:
         return item_smart_resize(height, width, f, ITEM_MIN_TOKENS * f * f if lo is None else lo,
                                  ITEM_MAX_TOKENS * f * f if hi is None else hi)

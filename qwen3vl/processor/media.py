@@ -1,74 +1,37 @@
-"""Loading images and videos from whatever the user hands us.
+"""Loading images and videos from whatever the user hands us, within ``MediaLimits``.
 
 Images: PIL images, numpy arrays, torch tensors, local paths, ``file://`` URLs, ``http(s)://``
-URLs (urllib, with a timeout and a size cap) and ``data:...;base64,`` URLs.
-Videos: a path/URL to a video file (decoded with PyAV, only the sampled frames are converted),
-a list of frames (paths or images) or an array of frames.
+URLs and ``data:`` URLs (bytes from :mod:`~qwen3vl.processor.fetch`). Encoded images are opened
+with Pillow restricted to common formats; their size is read from the header and refused over
+``max_image_pixels`` before any pixel is decoded.
+Videos: a path/URL to a video file (PyAV; playlists refused, only common container formats and
+no protocol but ``file``), a list of frames (paths or images) or an array of frames. The stream's
+frame size is checked before decoding, at most ``max_frames`` frames are kept, and each kept frame
+is brought to its final size as soon as it is decoded (``frame_size``), so memory holds one source
+frame plus the output, never all frames at source size. Decoding stops at the call's deadline.
 
 Every failure raises a typed :class:`~qwen3vl.processor.errors.MediaError` naming the item.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
-from dataclasses import dataclass, field
+import time
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import (EmptyMediaError, MediaDecodeError, MediaError, MediaFetchError,
-                     MediaNotFoundError, UnsupportedMediaError)
+from .errors import EmptyMediaError, MediaDecodeError, MediaError, MediaLimitError, UnsupportedMediaError
+from .fetch import fetch_bytes_or_path
+from .limits import MediaLimits
+from .video import VideoClip, resize_frames
 
-DEFAULT_TIMEOUT = 10.0
-MAX_DOWNLOAD_BYTES = 512 * 1024 * 1024  # no single media item should be bigger than this
+# Pillow decoders a request may reach (JPEG covers multi-picture MPO files too)
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 
-
-# --------------------------------------------------------------------------- raw bytes
-def fetch_bytes_or_path(source: str, *, kind: str, index: int | None,
-                        timeout: float = DEFAULT_TIMEOUT, max_bytes: int = MAX_DOWNLOAD_BYTES):
-    """Resolve a string source to ``("path", str)`` for local files or ``("bytes", bytes)``."""
-    err = dict(kind=kind, index=index, source=source)
-    if source.startswith("data:"):
-        header, sep, payload = source.partition(",")
-        if not sep:
-            raise MediaDecodeError("malformed data: URL (no comma)", **err)
-        try:
-            if header.endswith(";base64"):
-                return "bytes", base64.b64decode(payload, validate=False)
-            return "bytes", urllib.parse.unquote_to_bytes(payload)
-        except (binascii.Error, ValueError) as exc:
-            raise MediaDecodeError(f"invalid base64 payload: {exc}", **err) from None
-    if source.startswith(("http://", "https://")):
-        return "bytes", _download(source, timeout, max_bytes, err)
-    path = urllib.parse.unquote(urllib.parse.urlparse(source).path) if source.startswith("file://") else source
-    if not os.path.isfile(path):
-        raise MediaNotFoundError("no such file", **err)
-    if os.path.getsize(path) == 0:
-        raise EmptyMediaError("file is empty (0 bytes)", **err)
-    return "path", path
-
-
-def _download(url: str, timeout: float, max_bytes: int, err: dict) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "qwen3vl"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as exc:
-        raise MediaFetchError(f"HTTP {exc.code} {exc.reason}", **err) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise MediaFetchError(f"could not fetch URL: {reason}", **err) from None
-    if len(data) > max_bytes:
-        raise MediaFetchError(f"download larger than the {max_bytes} byte cap", **err)
-    if not data:
-        raise EmptyMediaError("URL returned no data", **err)
-    return data
+FrameSampler = Callable[[int, float], Sequence[int]]  # (total_frames, fps) -> indices to keep
+FrameSize = Callable[[int, int, int], tuple[int, int]]  # (frames kept, height, width) -> final (height, width)
 
 
 # --------------------------------------------------------------------------- images
@@ -103,74 +66,114 @@ def array_to_pil(array, *, kind: str = "image", index: int | None = None) -> Ima
     return Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
 
 
-def load_image(source, *, index: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
-    """Any supported image source -> RGB PIL image (EXIF orientation applied to files/URLs)."""
+def decode_image(target, limits: MediaLimits, err: dict) -> Image.Image:
+    """A path or file object -> decoded PIL image (EXIF orientation applied), size checked first."""
+    try:
+        image = Image.open(target, formats=IMAGE_FORMATS)  # lazy: reads the header only
+    except Image.DecompressionBombError as exc:
+        # Pillow's own bomb check (its global limit, left as it is) fired while reading the header
+        raise MediaLimitError(f"image refused before decoding (max_image_pixels={limits.max_image_pixels}): {exc}",
+                              **err) from None
+    except UnidentifiedImageError:
+        raise MediaDecodeError(f"not a readable image (unknown format; accepted: {', '.join(IMAGE_FORMATS)})",
+                               **err) from None
+    except Exception as exc:  # any plugin may fail on a crafted header
+        raise MediaDecodeError(f"not a readable image: {exc}", **err) from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        image.close()
+        raise MediaLimitError(f"{width}x{height} image ({width * height} pixels) is over max_image_pixels="
+                              f"{limits.max_image_pixels}", **err)
+    try:
+        image.load()  # decode now so truncated files fail here, with the item named
+        return ImageOps.exif_transpose(image)
+    except Exception as exc:  # decoders raise OSError, SyntaxError, NotImplementedError, struct.error...
+        image.close()
+        raise MediaDecodeError(f"not a readable image: {exc}", **err) from None
+
+
+def load_image(source, *, index: int | None = None, timeout: float | None = None, limits: MediaLimits | None = None,
+               deadline: float | None = None) -> Image.Image:
+    """Any supported image source -> RGB PIL image (EXIF orientation applied to files/URLs).
+
+    ``limits`` (default ``MediaLimits()``) bound what is fetched and decoded; ``deadline`` is the
+    call's (``time.monotonic()`` value), ``timeout`` the per-read timeout of remote fetches.
+    """
+    limits = limits or MediaLimits()
     err = dict(kind="image", index=index, source=source)
     if isinstance(source, Image.Image):
         # Already-decoded images are taken as they are (the reference does not re-orient them).
         return to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
-        how, value = fetch_bytes_or_path(os.fspath(source), kind="image", index=index, timeout=timeout)
-        try:
-            image = Image.open(value if how == "path" else io.BytesIO(value))
-            image.load()  # decode now so truncated files fail here, with the item named
-            image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise MediaDecodeError(f"not a readable image: {exc}", **err) from None
-        return to_rgb(image)
+        how, value = fetch_bytes_or_path(os.fspath(source), kind="image", index=index, limits=limits,
+                                         deadline=deadline, timeout=timeout)
+        return to_rgb(decode_image(value if how == "path" else io.BytesIO(value), limits, err))
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise EmptyMediaError("empty bytes", **err)
-        try:
-            image = Image.open(io.BytesIO(source))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise MediaDecodeError(f"not a readable image: {exc}", **err) from None
-        return to_rgb(image)
+        return to_rgb(decode_image(io.BytesIO(source), limits, err))
     if isinstance(source, np.ndarray) or hasattr(source, "detach"):
         return to_rgb(array_to_pil(source, kind="image", index=index))
     raise UnsupportedMediaError(f"unsupported image input of type {type(source).__name__}", **err)
 
 
 # --------------------------------------------------------------------------- videos
-@dataclass
-class VideoClip:
-    """Decoded, already-sampled frames of one video plus what we know of its timing."""
-
-    frames: np.ndarray                  # (T, H, W, 3) uint8
-    fps: float                          # frames per second of ``indices``' time base
-    total_frames: int                   # frames in the source
-    indices: list[int] = field(default_factory=list)  # source frame index of each kept frame
-
-
-FrameSampler = Callable[[int, float], Sequence[int]]  # (total_frames, fps) -> indices to keep
-
-
 def load_video(source, sampler: FrameSampler, *, index: int | None = None, sample_fps: float = 2.0,
-               timeout: float = DEFAULT_TIMEOUT) -> VideoClip:
+               timeout: float | None = None, limits: MediaLimits | None = None, deadline: float | None = None,
+               frame_size: FrameSize | None = None) -> VideoClip:
     """Any supported video source -> :class:`VideoClip` of the frames ``sampler`` picks.
 
     Lists of frames and frame arrays are taken as already sampled (qwen-vl-utils semantics):
-    every frame is kept and frame ``i`` is at time ``i / sample_fps``.
+    every frame is kept and frame ``i`` is at time ``i / sample_fps``. With ``frame_size``, frames
+    decoded here (files, URLs, lists of frames) come back at that size (``clip.resized``).
     """
+    limits = limits or MediaLimits()
+    deadline = time.monotonic() + limits.request_deadline_s if deadline is None else deadline
     err = dict(kind="video", index=index, source=source)
     if isinstance(source, (list, tuple)):
         if not source:
             raise EmptyMediaError("empty list of frames", **err)
-        images = [load_image(f, index=index, timeout=timeout) for f in source]
-        size = images[0].size
-        # frames of one video must share a size; odd ones are brought to the first frame's size
-        images = [im if im.size == size else im.resize(size, Image.BICUBIC) for im in images]
-        frames = np.stack([np.asarray(im) for im in images])
-        return VideoClip(frames, float(sample_fps), len(images), list(range(len(images))))
+        if len(source) > limits.max_frames:
+            raise MediaLimitError(f"{len(source)} frames given, over max_frames={limits.max_frames}", **err)
+        frames = _frames_from_list(source, index, frame_size, dict(timeout=timeout, limits=limits, deadline=deadline))
+        return VideoClip(frames, float(sample_fps), len(frames), list(range(len(frames))), frame_size is not None)
     if isinstance(source, np.ndarray) or hasattr(source, "detach"):
         frames = _frames_from_array(source, err)
         return VideoClip(frames, float(sample_fps), len(frames), list(range(len(frames))))
     if isinstance(source, (str, os.PathLike)):
-        how, value = fetch_bytes_or_path(os.fspath(source), kind="video", index=index, timeout=timeout)
-        return _decode_video(value if how == "path" else io.BytesIO(value), sampler, err)
+        how, value = fetch_bytes_or_path(os.fspath(source), kind="video", index=index, limits=limits,
+                                         deadline=deadline, timeout=timeout)
+        return decode_video(value if how == "path" else io.BytesIO(value), sampler, err, limits=limits,
+                            deadline=deadline, frame_size=frame_size)
     raise UnsupportedMediaError(f"unsupported video input of type {type(source).__name__}", **err)
+
+
+def _frames_from_list(source, index: int | None, frame_size: FrameSize | None, load: dict) -> np.ndarray:
+    """Frames given one by one -> (T, H, W, 3) uint8, each brought to its final size once loaded."""
+    out, size = None, None
+    for t, item in enumerate(source):
+        if time.monotonic() > load["deadline"]:
+            raise MediaLimitError(f"loading the frames outlasted request_deadline_s="
+                                  f"{load['limits'].request_deadline_s:g}", kind="video", index=index, source=source)
+        image = load_image(item, index=index, **load)
+        if size is None:
+            size = image.size
+            target = frame_size(len(source), size[1], size[0]) if frame_size else (size[1], size[0])
+            out = np.empty((len(source), *target, 3), np.uint8)
+        # frames of one video must share a size; odd ones are brought to the first frame's size
+        if image.size != size:
+            image = image.resize(size, Image.BICUBIC)
+        out[t] = fit_frame(np.asarray(image), *out.shape[1:3])
+    return out
+
+
+def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One (H, W, 3) uint8 frame at (height, width), with the batch resize's arithmetic (bit-identical)."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    if not frame.flags.writeable:  # torch.from_numpy wants a writable array
+        frame = frame.copy()
+    return resize_frames(frame[None], height, width)[0].numpy()
 
 
 def _frames_from_array(array, err: dict) -> np.ndarray:
@@ -191,32 +194,79 @@ def _frames_from_array(array, err: dict) -> np.ndarray:
     return np.ascontiguousarray(array.astype(np.uint8))
 
 
-def _open_container(target, err: dict):
+# --------------------------------------------------------------------------- video files (PyAV)
+# Demuxers a file may use: common containers only. Playlists and concat lists (hls, concat, dash...)
+# would make FFmpeg open other files or URLs named inside the file, so they are not on the list.
+VIDEO_FORMATS = "mov,matroska,avi,gif,apng,mpegts,mpeg,flv,asf,ogg,ivf,m4v,h264,hevc"
+PLAYLIST_MAGIC = (b"#EXTM3U", b"#EXT-X-", b"ffconcat")
+DECODE_MEMORY = 256 << 20  # frames in flight across decoder threads, at most about this many bytes
+
+
+def _refuse_playlist(target, err: dict) -> None:
+    """A clear error for playlists and concat lists (the format whitelist refuses them anyway)."""
+    if isinstance(target, str):
+        with open(target, "rb") as f:
+            head = f.read(64)
+    else:
+        head = bytes(target.getbuffer()[:64])
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(PLAYLIST_MAGIC):
+        raise UnsupportedMediaError("playlists and concat lists (HLS, ffconcat) are refused: they name other files",
+                                    **err)
+
+
+def _open_container(target, err: dict, limits: MediaLimits, deadline: float):
     import av  # imported lazily: image-only use never pays for FFmpeg
 
-    if hasattr(target, "seek"):
+    if isinstance(target, str):
+        target = os.path.abspath(target)  # a leading "name:" must not read as a protocol
+    else:
         target.seek(0)
+    # bytes in memory have no protocol at all: a name that matches none shuts nested opens out
+    protocols = "file" if isinstance(target, str) else "none"
+    # FFmpeg's interrupt callback ends any single open / read still running at the deadline
+    left = max(deadline - time.monotonic(), 0.01)
     try:
-        container = av.open(target)
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise MediaDecodeError(f"not a readable video: {exc}", **err) from None
+        container = av.open(target, timeout=(left, left), container_options={"format_whitelist": VIDEO_FORMATS,
+                                                                             "protocol_whitelist": protocols})
+    except Exception as exc:  # av.error.*, OSError, ValueError...
+        _past(deadline, limits, err)  # interrupted at the deadline: say so
+        raise MediaDecodeError(f"not a readable video (accepted containers: {VIDEO_FORMATS}): {exc}", **err) from None
     if not container.streams.video:
         container.close()
         raise MediaDecodeError("no video stream in the file", **err)
     return container
 
 
-def _probe(target, err: dict) -> tuple[int, float]:
-    """(frame count, fps) of the first video stream; counts packets when the header has no count."""
-    container = _open_container(target, err)
+def _check_frame_size(width: int, height: int, limits: MediaLimits, err: dict) -> None:
+    if width * height > limits.max_frame_pixels:
+        raise MediaLimitError(f"{width}x{height} video frames ({width * height} pixels) are over max_frame_pixels="
+                              f"{limits.max_frame_pixels}", **err)
+
+
+def _past(deadline: float, limits: MediaLimits, err: dict) -> None:
+    if time.monotonic() > deadline:
+        raise MediaLimitError(f"reading the video outlasted request_deadline_s={limits.request_deadline_s:g}", **err)
+
+
+def _probe(target, limits: MediaLimits, deadline: float, err: dict) -> tuple[int, float]:
+    """(frame count, fps) of the first video stream, its frame size checked; counts packets when
+    the header has no count."""
+    container = _open_container(target, err, limits, deadline)
     try:
         stream = container.streams.video[0]
+        _check_frame_size(stream.codec_context.width, stream.codec_context.height, limits, err)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 24.0
         total = int(stream.frames or 0)
         if total <= 0:
-            total = sum(1 for p in container.demux(stream) if p.size > 0)
+            for packet in container.demux(stream):
+                total += packet.size > 0
+                if total % 256 == 0:
+                    _past(deadline, limits, err)
+    except MediaError:
+        raise
     except Exception as exc:  # av raises many error types for broken streams
+        _past(deadline, limits, err)
         raise MediaDecodeError(f"cannot read video stream: {exc}", **err) from None
     finally:
         container.close()
@@ -225,46 +275,77 @@ def _probe(target, err: dict) -> tuple[int, float]:
     return total, fps
 
 
-def _decode_frames(target, wanted: Sequence[int], err: dict) -> tuple[dict[int, np.ndarray], int]:
-    """Decode sequentially, converting only the wanted frames; returns (frames, frames seen)."""
-    wanted_set, last = set(wanted), max(wanted)
-    container = _open_container(target, err)
-    kept: dict[int, np.ndarray] = {}
-    seen = 0
+def _decode_frames(target, indices: list[int], frame_size: FrameSize | None, limits: MediaLimits,
+                   deadline: float, err: dict) -> tuple[np.ndarray | None, set[int], int]:
+    """Decode sequentially; each wanted frame goes, at its final size, to every position that wants
+    it. Returns (frames (T, h, w, 3) uint8 or None, source indices filled, frames seen)."""
+    positions: dict[int, list[int]] = {}
+    for t, i in enumerate(indices):
+        positions.setdefault(i, []).append(t)
+    out, filled, seen, last = None, set(), 0, max(indices)
+    container = _open_container(target, err, limits, deadline)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        frame_bytes = max(stream.codec_context.width * stream.codec_context.height * 3, 1)
+        stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, DECODE_MEMORY // frame_bytes))
+        stream.codec_context.options = {"max_pixels": str(limits.max_frame_pixels)}  # the decoder's own check
         for frame in container.decode(stream):
-            if seen in wanted_set:
-                kept[seen] = frame.to_ndarray(format="rgb24")
+            _past(deadline, limits, err)
+            _check_frame_size(frame.width, frame.height, limits, err)
+            if seen in positions:
+                array = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8, the one source-size frame held
+                if out is None:
+                    h, w = array.shape[:2]
+                    out = np.empty((len(indices), *(frame_size(len(indices), h, w) if frame_size else (h, w)), 3),
+                                   np.uint8)
+                out[positions[seen]] = fit_frame(array, *out.shape[1:3])
+                filled.add(seen)
             seen += 1
             if seen > last:
                 break
+    except MediaError:
+        raise
     except Exception as exc:
-        if not kept:
+        _past(deadline, limits, err)
+        if not filled:
             raise MediaDecodeError(f"cannot decode video: {exc}", **err) from None
         # a truncated tail: keep what decoded, the caller re-samples over the frames seen
     finally:
         container.close()
-    return kept, seen
+    return out, filled, seen
 
 
-def _decode_video(target, sampler: FrameSampler, err: dict) -> VideoClip:
-    total, fps = _probe(target, err)
-    indices = [int(i) for i in sampler(total, fps)]
-    kept, seen = _decode_frames(target, indices, err)
+def _sample(sampler: FrameSampler, total: int, fps: float, limits: MediaLimits, err: dict) -> list[int]:
+    """The sampler's indices, at most ``max_frames`` of them (evenly thinned), within the clip."""
+    indices = [min(max(int(i), 0), total - 1) for i in sampler(total, fps)]
+    if not indices:
+        raise EmptyMediaError("no frame was selected (check num_frames / fps)", **err)
+    if len(indices) > limits.max_frames:
+        keep = np.linspace(0, len(indices) - 1, limits.max_frames).round().astype(int)
+        indices = [indices[k] for k in keep]
+    return indices
+
+
+def decode_video(target, sampler: FrameSampler, err: dict, *, limits: MediaLimits, deadline: float,
+                 frame_size: FrameSize | None = None) -> VideoClip:
+    """A video file (path or BytesIO) -> the sampled frames (at ``frame_size`` when given)."""
+    _refuse_playlist(target, err)
+    total, fps = _probe(target, limits, deadline, err)
+    indices = _sample(sampler, total, fps, limits, err)
+    frames, filled, seen = _decode_frames(target, indices, frame_size, limits, deadline, err)
     if seen == 0:
         raise EmptyMediaError("no decodable frames", **err)
-    if len(kept) < len(set(indices)):
+    if len(filled) < len(set(indices)):
         # header over-counted (truncated file): sample again over the frames that really exist
         total = seen
-        indices = [int(i) for i in sampler(total, fps)]
-        kept, seen = _decode_frames(target, indices, err)
-        if len(kept) < len(set(indices)):
+        indices = _sample(sampler, total, fps, limits, err)
+        frames, filled, seen = _decode_frames(target, indices, frame_size, limits, deadline, err)
+        if len(filled) < len(set(indices)):
             raise MediaDecodeError("video is truncated and frames could not be decoded", **err)
-    frames = np.stack([kept[i] for i in indices])  # (T, H, W, 3) uint8; repeated indices repeat frames
-    return VideoClip(frames, fps, total, indices)
+    return VideoClip(frames, fps, total, indices, frame_size is not None)
 
 
-__all__ = ["MediaError", "VideoClip", "load_image", "load_video", "to_rgb", "array_to_pil",
-           "fetch_bytes_or_path"]
+__all__ = ["MediaError", "VideoClip", "load_image", "load_video", "decode_image", "to_rgb", "array_to_pil",
+           "fetch_bytes_or_path", "decode_video",
+           "IMAGE_FORMATS", "VIDEO_FORMATS"]

@@ -6,10 +6,16 @@ options (``Processor`` keywords, ``LLM``'s and the server's ``mm_processor_kwarg
 (``{"type": "image", "image": ...}``, also ``"url"`` / ``"path"``) and the OpenAI form
 (``{"type": "image_url", "image_url": {"url": ...}}`` or ``"image_url": "..."``), used by the
 processor's chat-message normalisation and by the server's request validation alike.
+``check_media_options``: the one range check of their values against ``MediaLimits``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+from .errors import MediaOptionError
+from .limits import MediaLimits
 
 # Keys that hold a part's source, in order of preference.
 IMAGE_KEYS = ("image", "url", "path", "base64")
@@ -67,5 +73,54 @@ def parse_media_part(part: dict) -> MediaPart | None:
     return MediaPart(kind, source, key, options)
 
 
+# Frames per second (an option's fps / sample_fps): one frame an hour up to a thousand a second.
+FPS_RANGE = (1 / 3600, 1000.0)
+# Frame counts are clamped to MediaLimits.max_frames where they are used, so only a lower bound here.
+FRAME_COUNT_OPTIONS = ("num_frames", "nframes", "min_frames", "max_frames")
+
+
+def _ranges(limits: MediaLimits) -> dict[str, tuple[float, float, str]]:
+    """option -> (lowest, highest, what bounds it)."""
+    pixels = (1, limits.max_option_pixels, "max_option_pixels")
+    out = {name: pixels for name in ("min_pixels", "max_pixels", "resized_height", "resized_width")}
+    out["total_pixels"] = (1, limits.max_total_pixels, limits.total_pixels_name)
+    out.update({name: (*FPS_RANGE, "") for name in ("fps", "sample_fps")})
+    out.update({name: (1, math.inf, "") for name in FRAME_COUNT_OPTIONS})
+    out["timeout"] = (1e-3, math.inf, "")
+    return out
+
+
+def _check_value(name: str, value, lo: float, hi: float, bound: str, err: dict) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    if not ok:
+        span = f">= {_show(lo)}" if hi == math.inf else f"in [{_show(lo)}, {_show(hi)}]"
+        why = f" ({bound})" if bound else ""
+        raise MediaOptionError(f"{name} must be a positive finite number {span}{why}, got {value!r}", **err)
+
+
+def _show(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.6g}"
+
+
+def check_media_options(options: dict, limits: MediaLimits, *, kind: str = "media", index: int | None = None,
+                        source: object = None) -> None:
+    """Refuse size / time options that are not finite numbers within their bounds (None: not given).
+
+    ``fps`` may be a list (qwen-vl-utils' sample fps per video): each value is checked. Raises
+    ``MediaOptionError`` naming the item, the option, its value and the bound.
+    """
+    err = dict(kind=kind, index=index, source=source)
+    ranges = _ranges(limits)
+    for name, value in options.items():
+        if name not in ranges or value is None:
+            continue
+        for one in (value if name == "fps" and isinstance(value, (list, tuple)) else [value]):
+            _check_value(name, one, *ranges[name], err)
+    height, width = options.get("resized_height"), options.get("resized_width")
+    if height is not None and width is not None and height * width > limits.max_option_pixels:
+        raise MediaOptionError(f"resized_height x resized_width = {_show(height * width)} is over the limit "
+                               f"{limits.max_option_pixels} (max_option_pixels)", **err)
+
+
 __all__ = ["IMAGE_KEYS", "VIDEO_KEYS", "IMAGE_OPTIONS", "VIDEO_OPTIONS", "MEDIA_OPTIONS", "CALL_OPTIONS",
-           "MediaPart", "part_type", "parse_media_part"]
+           "MediaPart", "part_type", "parse_media_part", "check_media_options", "FPS_RANGE"]

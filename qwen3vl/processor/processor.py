@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import torch
 
 from . import chat
 from .chat import MediaItem
 from .components import ImageProcessor, VideoProcessor
+from .errors import ImageSizeError, MediaLimitError
 from .image import VisionParams, preprocess_image
 from .limits import MediaLimits
 from .media import load_image, load_video
-from .options import CALL_OPTIONS
+from .options import CALL_OPTIONS, check_media_options
 from .tokenizer import Tokenizer
-from .video import VideoParams, preprocess_video, sample_indices, video_placeholder
+from .video import VideoParams, preprocess_video, sample_indices, target_video_size, video_placeholder
 from .video_inputs import apply_metadata
 
 # Vision tokens: the tokenizer config's (image_token, ...), else these, Qwen3-VL's; ids come from the tokenizer.
@@ -116,7 +118,7 @@ class Processor:
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             return_dict: bool = False, return_tensors: str | None = "pt", padding: bool = True,
                             padding_side: str | None = None, tools=None, documents=None,
-                            chat_template: str | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None, continue_final_message: bool | str = False,
                             return_mm_token_type_ids: bool = True, return_metadata: bool = False, **kwargs):
         """One conversation or a list of them -> prompt text(s), or model inputs when ``tokenize``.
 
@@ -136,10 +138,13 @@ class Processor:
                    "bos_token": self.tokenizer.bos_token, "unk_token": self.tokenizer.unk_token}
         prompts = []
         for messages in conversations:
-            text = chat.render(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                               documents=documents, special_tokens=special, **kwargs)
-            if continue_final_message:
-                text = _cut_after_final_message(text, messages)
+            kw = dict(add_generation_prompt=add_generation_prompt, tools=tools, documents=documents,
+                      special_tokens=special, **kwargs)
+            if continue_final_message:  # True: continue the content; a field name: continue that field
+                field = continue_final_message if isinstance(continue_final_message, str) else "content"
+                text = chat.render_continuing(template, messages, field, **kw)
+            else:
+                text = chat.render(template, messages, **kw)
             prompts.append(text)
         if not tokenize:
             return prompts if batched else prompts[0]
@@ -186,17 +191,20 @@ class Processor:
                 return_metadata) -> BatchFeature:
         if return_tensors not in (None, "pt", "torch", "np", "numpy"):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported (use 'pt', 'np' or None)")
+        deadline = time.monotonic() + self.limits.request_deadline_s  # all media of this call, fetch and decode
+        self._check_counts(image_items, video_items)
         data: dict = {}
         image_tokens, video_texts, metadata = [], [], []
         if image_items:
-            pixel_values, grids = self._process_images(image_items, options)
+            pixel_values, grids = self._process_images(image_items, options, deadline)
             data["pixel_values"], data["image_grid_thw"] = pixel_values, grids
             merge = self.image_processor.merge_size ** 2
             image_tokens = [int(g.prod()) // merge for g in grids]
         if video_items:
             params = self.video_params
-            videos = self._process_videos(video_items, options, params)
-            data["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos], 0)  # (sum N, 1536)
+            videos = self._process_videos(video_items, options, params, deadline)
+            rows = [v.pixel_values for v in videos]
+            data["pixel_values_videos"] = rows[0] if len(rows) == 1 else torch.cat(rows, 0)  # (sum N, 1536)
             data["video_grid_thw"] = torch.tensor([v.grid_thw for v in videos], dtype=torch.int64)
             video_texts = [video_placeholder(v, params, self.video_token, self.vision_start_token,
                                              self.vision_end_token) for v in videos]
@@ -215,15 +223,24 @@ class Processor:
         out.__dict__["video_metadata"] = metadata
         return out
 
-    def _process_images(self, items: list[MediaItem], options: dict):
-        timeout = options.get("timeout") or 10.0
+    def _check_counts(self, image_items: list[MediaItem], video_items: list[MediaItem]) -> None:
+        for kind, items, most in (("image", image_items, self.limits.max_images),
+                                  ("video", video_items, self.limits.max_videos)):
+            if most is not None and len(items) > most:
+                raise MediaLimitError(f"{len(items)} {kind}s in one call, over max_{kind}s={most}", kind=kind,
+                                      index=most, source=items[most].source)
+
+    def _process_images(self, items: list[MediaItem], options: dict, deadline: float):
         params = self.image_params
         do_resize = self.image_processor.do_resize if options.get("do_resize") is None else options["do_resize"]
         rows, grids = [], []
         for i, item in enumerate(items):
             size = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels") and v is not None}
             size.update(item.options)
-            image = load_image(item.source, index=i, timeout=timeout)
+            check_media_options({**size, "timeout": options.get("timeout")}, self.limits, kind="image", index=i,
+                                source=item.source)
+            image = load_image(item.source, index=i, timeout=options.get("timeout"), limits=self.limits,
+                               deadline=deadline)
             r, g = preprocess_image(image, params, index=i, do_resize=bool(do_resize),
                                     item_options=bool(item.options), **size)
             rows.append(r)
@@ -231,33 +248,55 @@ class Processor:
         pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)  # (sum N, 1536) float32
         return pixel_values, torch.tensor(grids, dtype=torch.int64)
 
-    def _process_videos(self, items: list[MediaItem], options: dict, params: VideoParams):
+    def _video_options(self, options: dict, item: MediaItem, j: int, params: VideoParams) -> dict:
+        """One video's options: the call's, then the item's own (checked against the limits)."""
+        opts = {k: v for k, v in options.items()
+                if k in ("fps", "num_frames", "total_pixels", "timeout") and v is not None}
+        if isinstance(opts.get("fps"), (list, tuple)):  # qwen-vl-utils: the sample fps of each video
+            fps_list = opts.pop("fps")
+            if j < len(fps_list):
+                opts["sample_fps"] = fps_list[j]
+        opts.update(item.options)
+        check_media_options(opts, self.limits, kind="video", index=j, source=item.source)
+        if "num_frames" in item.options:
+            opts.pop("fps", None)  # an item's own num_frames wins over a call-level fps
+        elif "fps" in item.options:
+            opts.pop("num_frames", None)
+        if opts.get("fps") is None and opts.get("num_frames") is None:
+            opts["num_frames"] = self.video_processor.num_frames
+        if opts.get("num_frames") is not None:  # an explicit count keeps at most max_frames frames too
+            opts["num_frames"] = min(opts["num_frames"], self.limits.max_frames)
+        opts["sample_fps"] = float(opts.get("sample_fps") or opts.get("fps") or params.fps)
+        return opts
+
+    def _process_videos(self, items: list[MediaItem], options: dict, params: VideoParams, deadline: float):
         out = []
         all_metadata = options.get("video_metadata") or [None] * len(items)
         do_resize = self.video_processor.do_resize if options.get("do_resize") is None else options["do_resize"]
         for j, item in enumerate(items):
-            opts = {k: v for k, v in options.items()
-                    if k in ("fps", "num_frames", "total_pixels", "timeout") and v is not None}
-            if isinstance(opts.get("fps"), (list, tuple)):  # qwen-vl-utils: the sample fps of each video
-                fps_list = opts.pop("fps")
-                if j < len(fps_list):
-                    opts["sample_fps"] = float(fps_list[j])
-            opts.update(item.options)
-            if "num_frames" in item.options:
-                opts.pop("fps", None)  # an item's own num_frames wins over a call-level fps
-            elif "fps" in item.options:
-                opts.pop("num_frames", None)
+            opts = self._video_options(options, item, j, params)
             fps, num_frames = opts.pop("fps", None), opts.pop("num_frames", None)
-            if fps is None and num_frames is None:
-                num_frames = self.video_processor.num_frames
-            sample_fps = opts.pop("sample_fps", None) or fps or params.fps
-            timeout = opts.pop("timeout", 10.0)
+            sample_fps, timeout = opts.pop("sample_fps"), opts.pop("timeout", None)
 
             def sampler(total, video_fps, fps=fps, num_frames=num_frames):
                 return sample_indices(total, video_fps, params, fps=fps, num_frames=num_frames)
 
-            clip = load_video(item.source, sampler, index=j, sample_fps=sample_fps, timeout=timeout)
-            if all_metadata[j] is not None and not isinstance(item.source, (str, os.PathLike)):
+            def frame_size(t, h, w, j=j, opts=opts, source=item.source):  # decoded frames go straight to it
+                try:
+                    th, tw = target_video_size(t, h, w, params, **opts)
+                except ImageSizeError as exc:
+                    raise ImageSizeError(exc.reason, kind="video", index=j) from None
+                if t * th * tw > self.limits.max_total_pixels:  # refused before a frame is kept
+                    raise MediaLimitError(f"{t} frames of {tw}x{th} ({t * th * tw} pixels) are over "
+                                          f"{self.limits.total_pixels_name}={self.limits.max_total_pixels}",
+                                          kind="video", index=j, source=source)
+                return th, tw
+
+            # frames that metadata re-samples afterwards are resized by preprocess_video, at their final count
+            resampled = all_metadata[j] is not None and not isinstance(item.source, (str, os.PathLike))
+            clip = load_video(item.source, sampler, index=j, sample_fps=sample_fps, timeout=timeout, limits=self.limits,
+                              deadline=deadline, frame_size=frame_size if do_resize and not resampled else None)
+            if resampled:
                 sample = options.get("do_sample_frames")
                 sample = self.video_processor.do_sample_frames if sample is None else sample
                 clip = apply_metadata(clip, all_metadata[j], params, index=j, sample=bool(sample), fps=fps,
@@ -336,12 +375,3 @@ def _is_frame(x) -> bool:
     return ndim == 3 or (ndim is None and hasattr(x, "getbands"))  # 3-D array or PIL image
 
 
-def _cut_after_final_message(text: str, messages: list[dict]) -> str:
-    """Stop the prompt right after the last message's text (continue that message)."""
-    content = messages[-1].get("content")
-    if isinstance(content, list):
-        content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
-    content = (content or "").strip()
-    if content and content in text:
-        return text[: text.rindex(content) + len(content)]
-    return text

@@ -9,7 +9,7 @@ temporal pair becomes one slice, announced by the mean time of its two frames (`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,17 @@ import torch.nn.functional as F
 
 from .errors import ImageSizeError
 from .image import MAX_ASPECT_RATIO, VisionParams, patchify_frames
-from .media import VideoClip
+
+
+@dataclass
+class VideoClip:
+    """Decoded, already-sampled frames of one video plus what we know of its timing."""
+
+    frames: np.ndarray                  # (T, H, W, 3) uint8
+    fps: float                          # frames per second of ``indices``' time base
+    total_frames: int                   # frames in the source
+    indices: list[int] = field(default_factory=list)  # source frame index of each kept frame
+    resized: bool = False               # frames already at their final size (resized one by one as decoded)
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,8 @@ def preprocess_video(clip: VideoClip, params: VideoParams, *, index: int | None 
     v = params.vision
     t, h, w, _ = clip.frames.shape
     try:
+        if clip.resized:  # the decoder brought each frame to target_video_size already
+            do_resize = False
         if not do_resize and (h % v.factor or w % v.factor):
             raise ImageSizeError(f"do_resize=False needs frame sides that are multiples of {v.factor}, got {w}x{h}",
                                  kind="video")

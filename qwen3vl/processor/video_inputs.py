@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import MediaDecodeError, UnsupportedMediaError
-from .media import VideoClip
-from .video import VideoParams, sample_indices
+from .video import VideoClip, VideoParams, sample_indices
 
 
 def metadata_field(metadata, name: str):
