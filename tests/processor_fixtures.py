@@ -46,6 +46,14 @@ def processor(processor_dir):
     return Processor.from_pretrained(processor_dir)
 
 
+@pytest.fixture(scope="session")
+def pil_processor(processor_dir):
+    """Ours with transformers' PIL image backend (``use_fast=False``)."""
+    from qwen3vl.processor import Processor
+
+    return Processor.from_pretrained(processor_dir, use_fast=False)
+
+
 _TORCHVISION_STUB = []
 
 
@@ -83,12 +91,16 @@ def import_torchvision():
         return None
 
 
-def make_reference_processor(path: str):
-    """transformers' Qwen3VLProcessor with the PIL image backend and no video processor
-    (its video processor needs torchvision, which is not available here)."""
+def make_reference_processor(path: str, pil: bool = False):
+    """transformers' Qwen3VLProcessor with its default (torchvision) image backend, or the PIL one
+    with ``pil``, and no video processor (tests that need it build it: test_processor_dropin)."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    if not pil and import_torchvision() is None:
+        pytest.skip("torchvision==0.28.0 (test extra, --no-deps) is not importable")
+    if not pil:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     class ReferenceProcessor(Qwen3VLProcessor):
         def check_argument_for_proper_class(self, name, arg):
@@ -100,7 +112,7 @@ def make_reference_processor(path: str):
     with open(os.path.join(path, "preprocessor_config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     cfg = {k: v for k, v in cfg.items() if k not in ("processor_class", "image_processor_type")}
-    image_processor = Qwen2VLImageProcessorPil(**cfg)
+    image_processor = Qwen2VLImageProcessorPil(**cfg) if pil else Qwen2VLImageProcessor(**cfg)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as f:
         template = f.read()
@@ -111,6 +123,12 @@ def make_reference_processor(path: str):
 @pytest.fixture(scope="session")
 def reference(processor_dir):
     return make_reference_processor(processor_dir)
+
+
+@pytest.fixture(scope="session")
+def pil_reference(processor_dir):
+    """The reference with its PIL image backend (it reads files itself, with PIL)."""
+    return make_reference_processor(processor_dir, pil=True)
 
 
 def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -9,7 +9,7 @@ each session of snippets twice, each half in an interpreter of its own (tests/sn
 lists the test-only shims of the reference half: torchvision's operator stub, PIL for torchvision's
 image decoding, transformers' PyAV reader for videos (torchcodec is not installed), PyAV for
 qwen-vl-utils' removed ``torchvision.io.read_video``, no device_map without accelerate). Known
-incompatibilities are ``KNOWN`` below: xfail(strict=True), with the measured difference.
+incompatibilities would be ``KNOWN`` below: xfail(strict=True), with the measured difference.
 
 Compared, for every step (a snippet, or a documented variant of one):
 
@@ -50,18 +50,8 @@ PIXEL_DIFFS: dict[str, dict[str, float]] = {}
 
 NOT_COMPARED = ("video_backend",)  # metadata naming the library that decoded the file (ours: "pyav")
 
-# Known incompatibilities, (step, check) -> reason: xfail(strict=True) until the package is fixed.
-_RESIZE = ("images through the processor: qwen3vl resizes with PIL's bicubic and normalises as x*s+b; transformers' "
-           "AutoProcessor (torchvision backend, the default wherever its video processor can load) resizes the uint8 "
-           "tensor (F.interpolate bicubic, antialias) and computes (x - 255*mean) / (255*std): up to 2 uint8 levels "
-           "(0.0157 after normalisation), ~87 % of values differ; the video path's resize_frames + "
-           "patchify_frames(subtract_divide=True) on the image gives 0")
-KNOWN: dict[tuple[str, str], str] = {
-    **{(step, "pixels"): _RESIZE for step in ("readme_chat", "readme_multi_image", "readme_batch", "docs_qwen3_vl",
-                                              "docs_qwen3_vl_moe")},
-    ("readme_qvu_images", "pixels"): "qwen-vl-utils images with do_resize=False: qwen3vl normalises as x*s+b, the "
-                                     "reference as (x - 255*mean) / (255*std): 1 float32 ulp (1.19e-7)",
-}
+# Known incompatibilities, (step, check) -> reason: xfail(strict=True) until the package is fixed (none now).
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def flatten(value, path: str = "", out: dict | None = None) -> dict:

@@ -14,7 +14,9 @@ from .video import VideoParams
 class ImageProcessor:
     """Mutable image-processing settings (the reference's ``Qwen2VLImageProcessor`` attributes)."""
 
-    def __init__(self, params: VisionParams):
+    def __init__(self, params: VisionParams, use_fast: bool = True):
+        # transformers' backends: True (default) the torchvision one, False the PIL one; both bit-exact
+        self.use_fast = use_fast
         self.patch_size = params.patch_size
         self.temporal_patch_size = params.temporal_patch_size
         self.merge_size = params.merge_size

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ImageSizeError, MediaOptionError
@@ -140,15 +141,12 @@ def target_image_size(height: int, width: int, params: VisionParams, *, min_pixe
     return smart_resize(height, width, f, lo, hi)
 
 
-def _scale_shift(params: VisionParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold rescale (1/255) and normalise ((x - mean) / std) into one multiply-add per channel."""
-    std = torch.tensor(params.image_std, dtype=torch.float64)
-    mean = torch.tensor(params.image_mean, dtype=torch.float64)
-    return (1.0 / (255.0 * std)).float(), (-mean / std).float()
-
-
-def patchify_frames(frames: torch.Tensor, params: VisionParams, *, subtract_divide: bool = False) -> torch.Tensor:
+def patchify_frames(frames: torch.Tensor, params: VisionParams, *, pil: bool = False) -> torch.Tensor:
     """(T, H, W, C) uint8 frames, T a multiple of temporal_patch_size -> (N, C*tp*ps*ps) float32.
+
+    Normalised with the reference's arithmetic, bit for bit: its torchvision backend computes
+    (x - 255*mean) / (255*std) in float32; its PIL backend (``pil``) rescales in float64, rounds
+    to float32, then (x - mean) / std in float32.
 
     Rows are ordered (t, h-window, w-window, row in window, col in window); within a row the
     values are ordered (channel, frame in pair, y, x), as the patch-embedding Conv3d expects.
@@ -159,17 +157,32 @@ def patchify_frames(frames: torch.Tensor, params: VisionParams, *, subtract_divi
     x = frames.view(gt, tp, gh // ms, ms, ps, gw // ms, ms, ps, c)
     # (gt, gh/ms, gw/ms, ms_h, ms_w, C, tp, ps_y, ps_x)
     x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    out = torch.empty(x.shape, dtype=torch.float32)
-    out.copy_(x)  # one pass: gather + uint8 -> float32
     shape = (1, 1, 1, 1, 1, c, 1, 1, 1)
-    if subtract_divide:  # the torchvision video path: (x - 255*mean) / (255*std) in float32
+    if pil:
+        out = (x.to(torch.float64) * (1 / 255)).to(torch.float32).contiguous()
+        mean, std = torch.tensor(params.image_mean, dtype=torch.float32), torch.tensor(params.image_std,
+                                                                                       dtype=torch.float32)
+    else:
+        out = torch.empty(x.shape, dtype=torch.float32)
+        out.copy_(x)  # one pass: gather + uint8 -> float32
         mean = torch.tensor(params.image_mean, dtype=torch.float32) * (1.0 / (1 / 255))
         std = torch.tensor(params.image_std, dtype=torch.float32) * (1.0 / (1 / 255))
-        out.sub_(mean.view(shape)).div_(std.view(shape))
-    else:
-        scale, shift = _scale_shift(params)
-        out.mul_(scale.view(shape)).add_(shift.view(shape))
+    out.sub_(mean.view(shape)).div_(std.view(shape))
     return out.view(gt * gh * gw, c * tp * ps * ps)  # (N, C*tp*ps*ps)
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8, bicubic with antialiasing.
+
+    Resizes the uint8 tensor itself (as torchvision does): PyTorch's uint8 kernel rounds and
+    clamps between its horizontal and vertical passes, so this is bit-exact with the reference.
+    """
+    x = torch.from_numpy(frames)
+    if x.shape[1:3] == (height, width):
+        return x
+    x = x.permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, channels-last in memory
+    y = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return y.permute(0, 2, 3, 1)  # (T, h, w, 3) uint8
 
 
 def resize_image(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -180,10 +193,12 @@ def resize_image(image: Image.Image, height: int, width: int) -> np.ndarray:
 
 
 def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | None = None, do_resize: bool = True,
-                     **size_overrides) -> tuple[torch.Tensor, tuple[int, int, int]]:
+                     pil: bool = False, **size_overrides) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """One RGB PIL image -> (pixel rows (N, 3*2*16*16) float32, grid (1, h/16, w/16)).
 
     ``do_resize=False`` takes the image as it is (its sides must be multiples of the factor).
+    Resize and normalisation follow transformers' default (torchvision) image backend, bit for
+    bit; ``pil=True`` follows its PIL backend (``AutoProcessor.from_pretrained(..., use_fast=False)``).
     """
     width, height = image.size
     try:
@@ -196,8 +211,11 @@ def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | N
             th, tw = height, width
     except ImageSizeError as exc:
         raise ImageSizeError(exc.reason, kind="image", index=index, source=image) from None
-    pixels = torch.from_numpy(resize_image(image, th, tw).copy())  # (H, W, 3) uint8
+    if pil:
+        pixels = torch.from_numpy(resize_image(image, th, tw).copy())  # (H, W, 3) uint8
+    else:
+        pixels = resize_frames(np.array(image)[None], th, tw)[0]  # (H, W, 3) uint8 (a writable copy)
     # duplicate the still image into a temporal pair (a view: no copy before patchify)
     frames = pixels.unsqueeze(0).expand(params.temporal_patch_size, th, tw, 3)
-    rows = patchify_frames(frames, params)  # (gh*gw, 3*2*16*16)
+    rows = patchify_frames(frames, params, pil=pil)  # (gh*gw, 3*2*16*16)
     return rows, (1, th // params.patch_size, tw // params.patch_size)

@@ -25,7 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import EmptyMediaError, MediaDecodeError, MediaError, MediaLimitError, UnsupportedMediaError
 from .fetch import fetch_bytes_or_path
 from .limits import MediaLimits
-from .video import VideoClip, resize_frames
+from .image import resize_frames
+from .video import VideoClip
 
 # Pillow decoders a request may reach (JPEG covers multi-picture MPO files too)
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")

@@ -67,10 +67,10 @@ class Processor:
 
     def __init__(self, tokenizer: Tokenizer, image_params: VisionParams | None = None,
                  video_params: VideoParams | None = None, chat_template: str | None = None,
-                 limits: MediaLimits | None = None):
+                 limits: MediaLimits | None = None, use_fast: bool = True):
         self.tokenizer = tokenizer
         self.limits = limits or MediaLimits()  # what one call may fetch / decode / keep
-        self.image_processor = ImageProcessor(image_params or VisionParams())
+        self.image_processor = ImageProcessor(image_params or VisionParams(), use_fast)
         self.video_processor = VideoProcessor(video_params or VideoParams(VisionParams(min_pixels=4096,
                                                                                        max_pixels=25165824)))
         self.chat_template = chat_template
@@ -93,15 +93,18 @@ class Processor:
         return self.video_processor.video_params()
 
     @classmethod
-    def from_pretrained(cls, path: str, limits: MediaLimits | None = None, **overrides) -> "Processor":
-        """Build from a local checkpoint folder (preprocessor/video configs, tokenizer, template)."""
+    def from_pretrained(cls, path: str, limits: MediaLimits | None = None, use_fast: bool | None = None,
+                        **overrides) -> "Processor":
+        """Build from a local checkpoint folder (preprocessor/video configs, tokenizer, template).
+        ``use_fast=False``: images resized and normalised as transformers' PIL backend does."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"not a local model folder: {path}")
         image_cfg = {**_read_json(os.path.join(path, "preprocessor_config.json")), **overrides}
         video_cfg = _read_json(os.path.join(path, "video_preprocessor_config.json")) or image_cfg
         return cls(Tokenizer.from_pretrained(path), VisionParams.from_config(image_cfg),
-                   VideoParams.from_config(video_cfg), chat.load_chat_template(path), limits)
+                   VideoParams.from_config(video_cfg), chat.load_chat_template(path), limits,
+                   use_fast is not False)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None,
@@ -242,7 +245,7 @@ class Processor:
             image = load_image(item.source, index=i, timeout=options.get("timeout"), limits=self.limits,
                                deadline=deadline)
             r, g = preprocess_image(image, params, index=i, do_resize=bool(do_resize),
-                                    item_options=bool(item.options), **size)
+                                    pil=not self.image_processor.use_fast, item_options=bool(item.options), **size)
             rows.append(r)
             grids.append(g)
         pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)  # (sum N, 1536) float32

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import ImageSizeError
-from .image import MAX_ASPECT_RATIO, VisionParams, patchify_frames
+from .image import MAX_ASPECT_RATIO, VisionParams, patchify_frames, resize_frames
 
 
 @dataclass
@@ -103,20 +102,6 @@ def target_video_size(num_frames: int, height: int, width: int, params: VideoPar
     return video_smart_resize(num_frames, height, width, v.factor, v.temporal_patch_size, lo, max(lo, hi))
 
 
-def resize_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8, bicubic with antialiasing.
-
-    Resizes the uint8 tensor itself (as torchvision does): PyTorch's uint8 kernel rounds and
-    clamps between its horizontal and vertical passes, so this is bit-exact with the reference.
-    """
-    x = torch.from_numpy(frames)
-    if x.shape[1:3] == (height, width):
-        return x
-    x = x.permute(0, 3, 1, 2)  # (T, 3, H, W) uint8, channels-last in memory
-    y = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-    return y.permute(0, 2, 3, 1)  # (T, h, w, 3) uint8
-
-
 def slice_timestamps(indices, fps: float, temporal_patch_size: int = 2) -> list[float]:
     """Mean time (seconds) of the first and last frame of every temporal slice."""
     idx = [int(i) for i in indices]
@@ -153,7 +138,7 @@ def preprocess_video(clip: VideoClip, params: VideoParams, *, index: int | None 
     frames = resize_frames(clip.frames, th, tw)  # (T, th, tw, 3) uint8
     if pad := -t % v.temporal_patch_size:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], 0)
-    rows = patchify_frames(frames, v, subtract_divide=True)  # (gt*gh*gw, 1536), the reference's arithmetic
+    rows = patchify_frames(frames, v)  # (gt*gh*gw, 1536), the reference's arithmetic
     grid = (frames.shape[0] // v.temporal_patch_size, th // v.patch_size, tw // v.patch_size)
     return ProcessedVideo(rows, grid, list(clip.indices), slice_timestamps(clip.indices, clip.fps,
                           v.temporal_patch_size), clip.fps, clip.total_frames)
