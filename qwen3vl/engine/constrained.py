@@ -20,7 +20,9 @@ import torch
 from .errors import ConstraintError
 
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_BITS = torch.arange(32, dtype=torch.int32)
+# byte value -> its 8 bits, least significant first: unpacks llguidance's little-endian bit words
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # (256, 8)
+_executor: llguidance.LLExecutor | None = None
 
 
 @dataclass(frozen=True)
@@ -142,15 +144,22 @@ class GrammarCache:
 
 
 def apply_masks(logits: torch.Tensor, matchers: list) -> None:
-    """Forbid, in place, each constrained row's disallowed tokens; ``matchers[i]`` None: row i is free."""
+    """Forbid, in place, each constrained row's disallowed tokens; ``matchers[i]`` None: row i is free.
+    The masks are computed straight into one buffer (several rows in parallel)."""
+    global _executor
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
     vocab = logits.shape[-1]
-    # (R, W) bit words; llguidance may round W past ceil(V / 32)
-    words = torch.stack([torch.frombuffer(bytearray(matchers[i].compute_bitmask()), dtype=torch.int32)
-                         for i in rows])
-    allowed = ((words.unsqueeze(-1) >> _BITS) & 1).flatten(1)[:, :vocab].bool()  # (R, V)
+    words = (vocab + 31) // 32  # one bit per token
+    buf = torch.empty((len(rows), words), dtype=torch.int32)  # (R, W) bit words
+    if len(rows) == 1:
+        matchers[rows[0]].unsafe_compute_mask_ptr(buf.data_ptr(), words * 4)
+    else:
+        _executor = _executor or llguidance.LLExecutor()
+        _executor.unsafe_compute_mask_ptr([(matchers[i], j) for j, i in enumerate(rows)], buf.data_ptr(),
+                                          words * 4, len(rows))
+    allowed = _BYTE_BITS[buf.view(torch.uint8).long()].flatten(1)[:, :vocab]  # (R, V) bool
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
 
