@@ -128,15 +128,29 @@ def _demo_notice() -> str:
     return DEMO_NOTICE
 
 
+def _names(values: list[str] | None) -> tuple[str, ...] | None:
+    """A list flag given as separate words and/or comma-separated ones."""
+    if values is None:
+        return None
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
 def serve_settings(args):
     """``qwen3vl serve``'s arguments as the server's typed settings (raises ValueError when invalid)."""
-    from .server.settings import ServeSettings
+    from .server.settings import ServeSettings, parse_limit_mm_per_prompt
 
+    mm = parse_limit_mm_per_prompt(args.limit_mm_per_prompt) if args.limit_mm_per_prompt else {}
     return ServeSettings(
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         allowed_local_media_path=args.allowed_local_media_path, dtype=args.dtype, device=args.device,
-        quantization=args.quantization, group_size=args.group_size)
+        quantization=args.quantization, group_size=args.group_size, **mm,
+        max_media_pixels=args.max_media_pixels, max_media_frames=args.max_media_frames,
+        max_media_mb=args.max_media_bytes,
+        media_fetch_timeout=args.media_fetch_timeout, allowed_media_domains=_names(args.allowed_media_domains),
+        allow_private_media=args.allow_private_media, media_workers=args.media_workers,
+        max_body_mb=args.max_body_mb, allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(args.allowed_origins))
 
 
 def cmd_serve(args) -> int:
@@ -150,6 +164,30 @@ def cmd_bench(argv: list[str]) -> int:
     from .bench import main as bench_main
 
     return bench_main(argv)
+
+
+def _add_serve_limit_args(p: argparse.ArgumentParser) -> None:
+    """Request and media limits of ``qwen3vl serve`` (defaults: ServeSettings; README, Serving)."""
+    p.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                   help='media parts per request, e.g. \'{"image": 2, "video": 1}\' (the default)')
+    p.add_argument("--max-media-pixels", type=int, default=2_097_152,
+                   help="source pixels of one image or video frame (also the most a resize option may ask for)")
+    p.add_argument("--max-media-frames", type=int, default=32, help="frames kept from one video")
+    p.add_argument("--max-media-bytes", type=float, default=32.0, metavar="MB",
+                   help="download size of one remote image or video, in MiB")
+    p.add_argument("--media-fetch-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds for the whole download of one remote item")
+    p.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                   help="fetch remote media only from these hosts and their subdomains")
+    p.add_argument("--allow-private-media", action="store_true",
+                   help="allow remote media on loopback / private / link-local addresses (refused by default)")
+    p.add_argument("--media-workers", type=int, default=4, help="threads preparing requests with media")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body cap in MiB")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header values to answer ('*': any; default: the bind host and localhost names, "
+                        "any when bound to 0.0.0.0 or ::)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="web origins allowed to call the API from a browser (CORS; off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=8)
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--allowed-local-media-path", default=None)
+    _add_serve_limit_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     # Listed for --help; its options are parsed by qwen3vl.bench itself (see main()).

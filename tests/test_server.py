@@ -108,7 +108,8 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(home, media_dir):
     srv = ServerProcess(home, "--served-model-name", MODEL_NAME, "--max-num-seqs", "8", "--max-model-len", "4096",
-                        "--allowed-local-media-path", media_dir)
+                        "--allowed-local-media-path", media_dir,
+                        "--allow-private-media")  # test_image_http_url fetches from a loopback server
     yield srv
     srv.stop()
 
@@ -163,6 +164,7 @@ def mp4_bytes(frames: int = 8, size: int = 64, fps: int = 4) -> bytes:
 
 def _post(url: str, body, headers: dict | None = None) -> httpx.Response:
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    headers = {"Content-Type": "application/json", **(headers or {})}  # the server takes JSON only
     return httpx.post(url, headers=headers, timeout=30, **kw)
 
 

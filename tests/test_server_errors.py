@@ -123,6 +123,7 @@ def test_internal_errors_are_json_without_traceback(home):
     """A failure inside the server becomes a plain JSON 500 (in-process app over a broken engine)."""
     from fastapi.testclient import TestClient
 
+    from qwen3vl.server import ServeSettings
     from qwen3vl.server.app import create_app
 
     class BrokenEngine:
@@ -136,7 +137,8 @@ def test_internal_errors_are_json_without_traceback(home):
         is_demo = True
         engine = BrokenEngine()
 
-    with TestClient(create_app(BrokenLLM(), "x"), raise_server_exceptions=False) as http:
+    settings = ServeSettings(served_model_name="x", allowed_hosts=("testserver",))
+    with TestClient(create_app(BrokenLLM(), settings), raise_server_exceptions=False) as http:
         resp = http.get("/health")
         assert resp.status_code == 500
         assert resp.json()["error"]["type"] == "server_error"

@@ -5,7 +5,10 @@ processor errors onto it (by type, never by message text), and the app's excepti
     InvalidParameter  -> 400, param = the request field (max_new_tokens -> max_tokens, ...)
     MediaError        -> 400, param "messages"
     other ValueError, TypeError, template errors -> 400 with their message
-    anything else     -> 500 "server_error"; the details go to the server log only
+    anything else     -> 500 "server_error"; the details go to the server log only (guard.py)
+
+Messages always render: text a client sent (a model name, a key) is echoed shortened, and any
+lone surrogate in it is written as its escape, so the JSON encoder never fails on an error body.
 """
 from __future__ import annotations
 
@@ -30,8 +33,26 @@ class ProtocolError(ValueError):
         self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
 
 
+MAX_MESSAGE_CHARS = 2000
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates as ``\\udXXX`` escapes (UTF-8 cannot encode them)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A client-sent value for an error message: repr'd, printable and at most ``limit`` characters."""
+    text = printable(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
+    message = printable(message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    param = None if param is None else printable(param)[:200]
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -62,8 +83,7 @@ def engine_error_body(e: Exception) -> tuple[int, dict]:
     if isinstance(e, ValueError):
         return 400, error_body(str(e))
     # Unexpected: the details go to the server log, the client gets a plain message.
-    print("[qwen3vl serve] engine error:", file=sys.stderr)
-    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    log_internal_error("engine error", e)
     return 500, error_body("the engine failed while generating this request", "server_error")
 
 
@@ -81,7 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(405, f"method {request.method} is not allowed on {request.url.path}")
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):
-        # Starlette re-raises it afterwards, so the traceback reaches the server log, never the client.
-        return error_response(500, "internal server error", "server_error")
+
+def log_internal_error(where: str, e: BaseException) -> None:
+    """One line naming the failure, then its traceback: the server log only, never a response."""
+    print(f"[qwen3vl serve] {printable(where)}: {type(e).__name__}: {printable(str(e))[:500]}", file=sys.stderr)
+    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    sys.stderr.flush()

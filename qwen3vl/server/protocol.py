@@ -4,10 +4,13 @@ Requests arrive as parsed JSON and are checked here by hand (not with pydantic m
 rejection names the offending field the way the OpenAI API does (``param``). OpenAI chat messages
 (``image_url`` / ``video_url`` parts) and Qwen-style parts (``{"type": "image", "image": ...}``)
 become the message format of ``qwen3vl.Processor``; every media source passes ``MediaPolicy``
-first, which refuses local files outside ``--allowed-local-media-path``.
+first, which refuses local files outside ``--allowed-local-media-path``. Sizes a client controls
+(prompt characters, messages, media parts, stop strings, tools, choices) are bounded here against
+``RequestLimits`` before any tokenizing or media work (see limits.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.parse
@@ -16,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..processor.options import MEDIA_OPTIONS, parse_media_part, part_type
-from .errors import ProtocolError
+from .errors import ProtocolError, short
+from .limits import (MAX_CHOICES, MAX_N, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_TOKEN_ID,
+                     MAX_TOOLS, RequestLimits)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # OpenAI / vLLM request field -> SamplingParams field, with the JSON type each must have.
@@ -29,7 +34,6 @@ SAMPLING_FIELDS = {
 }
 # SamplingParams field -> the request field a user wrote (for error messages).
 FIELD_NAMES = {dst: src for src, (dst, _) in SAMPLING_FIELDS.items()} | {"max_new_tokens": "max_tokens"}
-MAX_N = 16
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -76,7 +80,8 @@ class MediaPolicy:
         if scheme == "file":
             path = urllib.parse.unquote(urllib.parse.urlparse(source).path)
         elif len(scheme) > 1:  # (one letter would be a Windows drive)
-            raise ProtocolError(f"unsupported media URL scheme {scheme!r}: use http(s)://, data: or file://", param)
+            raise ProtocolError(f"unsupported media URL scheme {short(scheme)}: use http(s)://, data: or file://",
+                                param)
         else:
             path = source
         if not self.allowed_dir:
@@ -85,7 +90,7 @@ class MediaPolicy:
         # Relative paths are taken inside the allowed folder; symlinks and '..' are resolved before the check.
         real = os.path.realpath(os.path.join(self.allowed_dir, path))
         if os.path.commonpath([real, self.allowed_dir]) != self.allowed_dir:
-            raise ProtocolError(f"local media path {path!r} is outside the allowed media folder", param,
+            raise ProtocolError(f"local media path {short(path)} is outside the allowed media folder", param,
                                 code="local_media_refused")
         return real
 
@@ -115,14 +120,17 @@ def _content_part(part: Any, policy: MediaPolicy, param: str) -> dict:
         return {"type": "text", "text": _check(part.get("text"), "string", f"{param}.text")}
     if ptype in ("image_url", "image", "video_url", "video"):
         return _media_part(part, policy, param)
-    raise ProtocolError(f"unsupported content part type {ptype!r} (supported: text, image_url, video_url, "
+    raise ProtocolError(f"unsupported content part type {short(ptype)} (supported: text, image_url, video_url, "
                         "image, video)", f"{param}.type")
 
 
-def convert_messages(messages: Any, policy: MediaPolicy) -> list[dict]:
+def convert_messages(messages: Any, policy: MediaPolicy, max_messages: int | None = None) -> list[dict]:
     """OpenAI / Qwen chat messages -> the processor's message format (validated)."""
     if not isinstance(messages, list) or not messages:
         raise ProtocolError("'messages' must be a non-empty array", "messages")
+    if max_messages is not None and len(messages) > max_messages:
+        raise ProtocolError(f"the request has {len(messages)} messages; at most {max_messages} fit in this model's "
+                            "context", "messages", code="context_length_exceeded")
     out = []
     for i, msg in enumerate(messages):
         param = f"messages[{i}]"
@@ -130,7 +138,7 @@ def convert_messages(messages: Any, policy: MediaPolicy) -> list[dict]:
             raise ProtocolError(f"'{param}' must be an object", param)
         role = msg.get("role")
         if role not in ROLES:
-            raise ProtocolError(f"'{param}.role' must be one of {list(ROLES)}, got {role!r}", f"{param}.role")
+            raise ProtocolError(f"'{param}.role' must be one of {list(ROLES)}, got {short(role)}", f"{param}.role")
         content = msg.get("content")
         if content is None and role == "assistant":
             content = ""  # assistant turns that only carried tool calls
@@ -138,9 +146,41 @@ def convert_messages(messages: Any, policy: MediaPolicy) -> list[dict]:
             content = [_content_part(p, policy, f"{param}.content[{j}]") for j, p in enumerate(content)]
         elif not isinstance(content, str):
             raise ProtocolError(f"'{param}.content' must be a string or an array of content parts", f"{param}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content,
-                    **{k: msg[k] for k in ("tool_calls", "name", "tool_call_id") if msg.get(k) is not None}})
+        out.append({"role": "system" if role == "developer" else role, "content": content, **_extras(msg, param)})
     return out
+
+
+def _extras(msg: dict, param: str) -> dict:
+    """A message's tool_calls / name / tool_call_id, checked (the chat template reads them)."""
+    out = {}
+    for key in ("name", "tool_call_id"):
+        if msg.get(key) is not None:
+            out[key] = _check(msg[key], "string", f"{param}.{key}")
+    calls = msg.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or len(calls) > MAX_TOOLS or not all(isinstance(c, dict) for c in calls):
+            raise ProtocolError(f"'{param}.tool_calls' must be an array of at most {MAX_TOOLS} objects",
+                                f"{param}.tool_calls")
+        out["tool_calls"] = calls
+    return out
+
+
+def measure(messages: list[dict]) -> tuple[int, int, int]:
+    """(text characters, images, videos) of converted messages; tool calls count as their JSON."""
+    chars = images = videos = 0
+    for msg in messages:
+        parts = [msg["content"]] if isinstance(msg["content"], str) else msg["content"]
+        for part in parts:
+            if isinstance(part, str) or part["type"] == "text":
+                chars += len(part if isinstance(part, str) else part["text"])
+            elif part["type"] == "image":
+                images += 1
+            else:
+                videos += 1
+        chars += sum(len(msg.get(k, "")) for k in ("name", "tool_call_id"))
+        if "tool_calls" in msg:
+            chars += len(json.dumps(msg["tool_calls"], ensure_ascii=False))
+    return chars, images, videos
 
 
 # ---------------------------------------------------------------------------- request bodies
@@ -158,28 +198,27 @@ class GenerationRequest:
     prompts: list[str] = field(default_factory=list)     # completions
     mm_processor_kwargs: dict = field(default_factory=dict)
     template_kwargs: dict = field(default_factory=dict)
+    media: int = 0                                       # image and video parts (chat)
 
 
 def _common(body: Any) -> dict:
     if not isinstance(body, dict):
         raise ProtocolError("the request body must be a JSON object", None)
-    if body.get("logprobs") or body.get("top_logprobs") or body.get("echo"):
-        name = next(k for k in ("logprobs", "top_logprobs", "echo") if body.get(k))
-        raise ProtocolError(f"'{name}' is not supported by this server", name)
+    for name in ("logprobs", "top_logprobs", "echo", "logit_bias"):
+        if body.get(name):
+            raise ProtocolError(f"'{name}' is not supported by this server", name)
     max_tokens = _optional(body, "max_completion_tokens", "integer")
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", "integer")
     sampling = {dst: _optional(body, src, kind) for src, (dst, kind) in SAMPLING_FIELDS.items()}
     if sampling["seed"] is not None and not -2**63 <= sampling["seed"] < 2**64:
         raise ProtocolError("'seed' must fit in 64 bits", "seed")
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-            sampling["stop"] = [s for s in stop if s]
-        elif isinstance(stop, str):
-            sampling["stop"] = [stop] if stop else []
-        else:
-            raise ProtocolError("'stop' must be a string or an array of strings", "stop")
+    ids = sampling["stop_token_ids"]
+    if ids is not None and (len(ids) > MAX_STOP_TOKEN_IDS or not all(0 <= i <= MAX_TOKEN_ID for i in ids)):
+        raise ProtocolError(f"'stop_token_ids' must hold at most {MAX_STOP_TOKEN_IDS} token ids in "
+                            f"[0, {MAX_TOKEN_ID}]", "stop_token_ids")
+    if body.get("stop") is not None:
+        sampling["stop"] = _stop(body["stop"])
     if max_tokens is not None:
         sampling["max_new_tokens"] = max_tokens
     n = _optional(body, "n", "integer")
@@ -194,32 +233,59 @@ def _common(body: Any) -> dict:
                 max_tokens=max_tokens, n=n, stream=stream, include_usage=include_usage)
 
 
-def parse_chat_request(body: Any, policy: MediaPolicy) -> GenerationRequest:
+def _stop(stop: Any) -> list[str]:
+    """``stop`` as a list of non-empty strings, bounded: each is checked against every new token."""
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ProtocolError("'stop' must be a string or an array of strings", "stop")
+    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ProtocolError(f"'stop' may hold at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters "
+                            f"(got {len(stop)}, the longest {max(map(len, stop), default=0)})", "stop")
+    return [s for s in stop if s]
+
+
+def _tools(tools: Any) -> list:
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(isinstance(t, dict) for t in tools):
+        raise ProtocolError(f"'tools' must be an array of at most {MAX_TOOLS} objects", "tools")
+    return tools
+
+
+def parse_chat_request(body: Any, policy: MediaPolicy, limits: RequestLimits) -> GenerationRequest:
     req = GenerationRequest(**_common(body))
-    req.messages = convert_messages(body.get("messages"), policy)
+    req.messages = convert_messages(body.get("messages"), policy, limits.max_messages)
+    chars, images, videos = measure(req.messages)
     mm = _optional(body, "mm_processor_kwargs", "object") or {}
     for k, v in mm.items():
         if k not in MEDIA_OPTIONS:
-            raise ProtocolError(f"unknown mm_processor_kwargs key {k!r} (allowed: {list(MEDIA_OPTIONS)})",
+            raise ProtocolError(f"unknown mm_processor_kwargs key {short(k)} (allowed: {list(MEDIA_OPTIONS)})",
                                 f"mm_processor_kwargs.{k}")
         _check(v, "number", f"mm_processor_kwargs.{k}")
     req.mm_processor_kwargs = mm
     kwargs = _optional(body, "chat_template_kwargs", "object") or {}
     req.template_kwargs = {k: v for k, v in kwargs.items() if k in ("enable_thinking", "add_vision_id")}
     if body.get("tools") is not None:
-        if not isinstance(body["tools"], list):
-            raise ProtocolError("'tools' must be an array", "tools")
-        req.template_kwargs["tools"] = body["tools"]  # rendered by the chat template; calls come back as text
+        # rendered by the chat template (so they count as prompt text); calls come back as text
+        req.template_kwargs["tools"] = _tools(body["tools"])
+        chars += len(json.dumps(body["tools"], ensure_ascii=False))
+    limits.check_prompt_chars(chars, "messages")
+    limits.check_media(images, videos)
+    req.media = images + videos
     return req
 
 
-def parse_completion_request(body: Any) -> GenerationRequest:
+def parse_completion_request(body: Any, limits: RequestLimits) -> GenerationRequest:
     req = GenerationRequest(**_common(body))
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) and p for p in prompt):
         raise ProtocolError("'prompt' must be a non-empty string or an array of non-empty strings", "prompt")
+    if len(prompt) > MAX_PROMPTS or len(prompt) * req.n > MAX_CHOICES:
+        raise ProtocolError(f"'prompt' may hold at most {MAX_PROMPTS} prompts, and prompts x n at most "
+                            f"{MAX_CHOICES} (got {len(prompt)} x {req.n})", "prompt")
+    for p in prompt:
+        limits.check_prompt_chars(len(p), "prompt")
     req.prompts = prompt
     return req
 

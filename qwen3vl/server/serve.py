@@ -58,7 +58,7 @@ def load(settings: ServeSettings) -> LLM:
     _log(f"[qwen3vl serve] loading {settings.model or 'the tiny demo checkpoint'} ...")
     llm = LLM(settings.model, dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
               max_model_len=settings.max_model_len, quantization=settings.quantization,
-              group_size=settings.group_size)
+              group_size=settings.group_size, media_limits=settings.media_limits())
     if llm.is_demo:
         _log(f"[qwen3vl demo] {DEMO_NOTICE}")
     return llm
@@ -67,14 +67,18 @@ def load(settings: ServeSettings) -> LLM:
 def serve(settings: ServeSettings) -> int:
     """Serve until Ctrl-C or SIGTERM; returns the exit status."""
     llm = load(settings)
-    app = create_app(llm, settings.model_name, settings.api_key, settings.allowed_local_media_path,
-                     settings.aliases)
+    app = create_app(llm, settings)
     sock = _bind(settings.host, settings.port)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host}:{sock.getsockname()[1]}"
     engine = llm.engine
     _log(f"[qwen3vl serve] serving '{settings.model_name}' at {url}/ (web chat) and {url}/v1 (OpenAI API); "
          f"max_num_seqs={engine.max_num_seqs} max_model_len={engine.max_model_len}")
+    hosts = settings.host_allow_list()
+    _log(f"[qwen3vl serve] limits: body {settings.max_body_mb:g} MiB, {settings.max_images} images / "
+         f"{settings.max_videos} videos per request, media workers {settings.media_workers}; Host header: "
+         f"{'any' if hosts is None else ', '.join(sorted(hosts))}; CORS: "
+         f"{', '.join(settings.allowed_origins) if settings.allowed_origins else 'off'}")
     # SIGTERM stops the server like Ctrl-C does (the engine loop runs on this thread).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     stopping = threading.Event()
