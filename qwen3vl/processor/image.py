@@ -141,7 +141,8 @@ def target_image_size(height: int, width: int, params: VisionParams, *, min_pixe
     return smart_resize(height, width, f, lo, hi)
 
 
-def patchify_frames(frames: torch.Tensor, params: VisionParams, *, pil: bool = False) -> torch.Tensor:
+def patchify_frames(frames: torch.Tensor, params: VisionParams, *, pil: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """(T, H, W, C) uint8 frames, T a multiple of temporal_patch_size -> (N, C*tp*ps*ps) float32.
 
     Normalised with the reference's arithmetic, bit for bit: its torchvision backend computes
@@ -150,6 +151,7 @@ def patchify_frames(frames: torch.Tensor, params: VisionParams, *, pil: bool = F
 
     Rows are ordered (t, h-window, w-window, row in window, col in window); within a row the
     values are ordered (channel, frame in pair, y, x), as the patch-embedding Conv3d expects.
+    ``out``: a (N, C*tp*ps*ps) float32 tensor to write into (e.g. a slice of a batch's rows).
     """
     t, h, w, c = frames.shape
     ps, ms, tp = params.patch_size, params.merge_size, params.temporal_patch_size
@@ -158,17 +160,18 @@ def patchify_frames(frames: torch.Tensor, params: VisionParams, *, pil: bool = F
     # (gt, gh/ms, gw/ms, ms_h, ms_w, C, tp, ps_y, ps_x)
     x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)
     shape = (1, 1, 1, 1, 1, c, 1, 1, 1)
+    rows = torch.empty((gt * gh * gw, c * tp * ps * ps), dtype=torch.float32) if out is None else out
+    out = rows.view(x.shape)
     if pil:
-        out = (x.to(torch.float64) * (1 / 255)).to(torch.float32).contiguous()
+        out.copy_((x.to(torch.float64) * (1 / 255)).to(torch.float32))
         mean, std = torch.tensor(params.image_mean, dtype=torch.float32), torch.tensor(params.image_std,
                                                                                        dtype=torch.float32)
     else:
-        out = torch.empty(x.shape, dtype=torch.float32)
         out.copy_(x)  # one pass: gather + uint8 -> float32
         mean = torch.tensor(params.image_mean, dtype=torch.float32) * (1.0 / (1 / 255))
         std = torch.tensor(params.image_std, dtype=torch.float32) * (1.0 / (1 / 255))
     out.sub_(mean.view(shape)).div_(std.view(shape))
-    return out.view(gt * gh * gw, c * tp * ps * ps)  # (N, C*tp*ps*ps)
+    return rows  # (N, C*tp*ps*ps)
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
@@ -192,9 +195,17 @@ def resize_image(image: Image.Image, height: int, width: int) -> np.ndarray:
     return np.asarray(image)  # (H, W, 3) uint8
 
 
-def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | None = None, do_resize: bool = True,
+def image_rows(pixels: torch.Tensor, params: VisionParams, *, pil: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 at the model's size -> its pixel rows (N, 3*2*16*16) float32 (into ``out``)."""
+    # duplicate the still image into a temporal pair (a view: no copy before patchify)
+    frames = pixels.unsqueeze(0).expand(params.temporal_patch_size, *pixels.shape)
+    return patchify_frames(frames, params, pil=pil, out=out)  # (gh*gw, 3*2*16*16)
+
+
+def resize_for_model(image: Image.Image, params: VisionParams, *, index: int | None = None, do_resize: bool = True,
                      pil: bool = False, **size_overrides) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """One RGB PIL image -> (pixel rows (N, 3*2*16*16) float32, grid (1, h/16, w/16)).
+    """One RGB PIL image -> ((H, W, 3) uint8 at the model's size, grid (1, h/16, w/16)).
 
     ``do_resize=False`` takes the image as it is (its sides must be multiples of the factor).
     Resize and normalisation follow transformers' default (torchvision) image backend, bit for
@@ -215,7 +226,4 @@ def preprocess_image(image: Image.Image, params: VisionParams, *, index: int | N
         pixels = torch.from_numpy(resize_image(image, th, tw).copy())  # (H, W, 3) uint8
     else:
         pixels = resize_frames(np.array(image)[None], th, tw)[0]  # (H, W, 3) uint8 (a writable copy)
-    # duplicate the still image into a temporal pair (a view: no copy before patchify)
-    frames = pixels.unsqueeze(0).expand(params.temporal_patch_size, th, tw, 3)
-    rows = patchify_frames(frames, params, pil=pil)  # (gh*gw, 3*2*16*16)
-    return rows, (1, th // params.patch_size, tw // params.patch_size)
+    return pixels, (1, th // params.patch_size, tw // params.patch_size)

@@ -200,7 +200,7 @@ def _frames_from_array(array, err: dict) -> np.ndarray:
 # would make FFmpeg open other files or URLs named inside the file, so they are not on the list.
 VIDEO_FORMATS = "mov,matroska,avi,gif,apng,mpegts,mpeg,flv,asf,ogg,ivf,m4v,h264,hevc"
 PLAYLIST_MAGIC = (b"#EXTM3U", b"#EXT-X-", b"ffconcat")
-DECODE_MEMORY = 256 << 20  # frames in flight across decoder threads, at most about this many bytes
+DECODE_MEMORY = 64 << 20  # frames in flight across decoder threads, at most about this many bytes
 
 
 def _refuse_playlist(target, err: dict) -> None:

@@ -18,7 +18,7 @@ from . import chat
 from .chat import MediaItem
 from .components import ImageProcessor, VideoProcessor
 from .errors import ImageSizeError, MediaLimitError
-from .image import VisionParams, preprocess_image
+from .image import VisionParams, image_rows, resize_for_model
 from .limits import MediaLimits
 from .media import load_image, load_video
 from .options import CALL_OPTIONS, check_media_options
@@ -236,7 +236,8 @@ class Processor:
     def _process_images(self, items: list[MediaItem], options: dict, deadline: float):
         params = self.image_params
         do_resize = self.image_processor.do_resize if options.get("do_resize") is None else options["do_resize"]
-        rows, grids = [], []
+        pil = not self.image_processor.use_fast
+        images, grids = [], []
         for i, item in enumerate(items):
             size = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels") and v is not None}
             size.update(item.options)
@@ -244,11 +245,16 @@ class Processor:
                                 source=item.source)
             image = load_image(item.source, index=i, timeout=options.get("timeout"), limits=self.limits,
                                deadline=deadline)
-            r, g = preprocess_image(image, params, index=i, do_resize=bool(do_resize),
-                                    pil=not self.image_processor.use_fast, item_options=bool(item.options), **size)
-            rows.append(r)
-            grids.append(g)
-        pixel_values = rows[0] if len(rows) == 1 else torch.cat(rows, 0)  # (sum N, 1536) float32
+            pixels, grid = resize_for_model(image, params, index=i, do_resize=bool(do_resize), pil=pil,
+                                            item_options=bool(item.options), **size)
+            del image
+            images.append(pixels)
+            grids.append(grid)
+        # All rows written straight into one tensor: no per-image copies to concatenate.
+        sizes = [t * h * w for t, h, w in grids]
+        pixel_values = torch.empty((sum(sizes), 3 * params.temporal_patch_size * params.patch_size ** 2))
+        for pixels, rows in zip(images, pixel_values.split(sizes)):  # (sum N, 1536) float32
+            image_rows(pixels, params, pil=pil, out=rows)
         return pixel_values, torch.tensor(grids, dtype=torch.int64)
 
     def _video_options(self, options: dict, item: MediaItem, j: int, params: VideoParams) -> dict:

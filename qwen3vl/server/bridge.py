@@ -9,6 +9,7 @@ import asyncio
 
 from ..engine.api import LLM, Delta, EngineStats, Request, SamplingParams
 from .errors import ProtocolError
+from .memory import release_free_memory
 from .protocol import GenerationRequest
 
 
@@ -23,8 +24,11 @@ class EngineBridge:
         (only the last Delta of each with ``final_only``: no event-loop wake-up per token)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        media = any(r.usage.image_tokens or r.usage.video_tokens for r in reqs)
 
         def listener(delta: Delta, index: int) -> None:
+            if media and delta.finished:
+                release_free_memory()  # the pixels and activations are gone: give their pages back
             if final_only and not delta.finished:
                 return
             try:

@@ -25,6 +25,20 @@ MAX_STOP_CHARS = 256         # characters of one stop string
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOKEN_ID = 2**31 - 1
 MAX_TOOLS = 128              # tools, and tool calls of one message (OpenAI's tool limit)
+# A video token covers a 32 x 32 pixel square over 2 frames (merge 2 x 2 patches of 16, temporal
+# pair): t x h x w pixels per token. The checkpoint's own video budget (25M pixels: 24,576 tokens,
+# 300 MB as float32) would not fit the context anyway; the server lowers it to a quarter of the context.
+VIDEO_PIXELS_PER_TOKEN = 32 * 32 * 2
+
+
+def fit_video_budget(video_processor, max_model_len: int) -> int | None:
+    """Lower the video processor's t x h x w budget to a quarter of the context (room for the
+    conversation, and a bounded float32 copy); the new budget, or None if the checkpoint's was lower."""
+    budget = max(video_processor.min_pixels, max_model_len // 4 * VIDEO_PIXELS_PER_TOKEN)
+    if video_processor.max_pixels <= budget:
+        return None
+    video_processor.max_pixels = budget
+    return budget
 
 
 @dataclass(frozen=True)

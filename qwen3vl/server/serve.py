@@ -17,6 +17,7 @@ import uvicorn
 from ..demo import DEMO_NOTICE
 from ..engine.api import LLM
 from .app import create_app
+from .limits import fit_video_budget
 from .settings import ServeSettings
 
 
@@ -59,6 +60,9 @@ def load(settings: ServeSettings) -> LLM:
     llm = LLM(settings.model, dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
               max_model_len=settings.max_model_len, quantization=settings.quantization,
               group_size=settings.group_size, media_limits=settings.media_limits())
+    budget = fit_video_budget(llm.processor.video_processor, llm.engine.max_model_len)
+    if budget is not None:
+        _log(f"[qwen3vl serve] a video is resized to at most {budget:,} pixels (t x h x w: a quarter of the context)")
     if llm.is_demo:
         _log(f"[qwen3vl demo] {DEMO_NOTICE}")
     return llm
