@@ -11,6 +11,13 @@ The narrow API that ``LLM`` and the HTTP server use: ``new_request`` (raises ``P
 ``max_model_len`` / ``max_num_seqs``, and the loops ``step`` / ``run_until_done`` (synchronous,
 ``LLM``) and ``run_forever`` (the server's stepping thread). ``submit``, ``cancel`` and ``stats``
 are safe to call from other threads while ``run_forever`` steps.
+
+Prefix caching (on by default; prefill groups bypass it): a request reuses the longest run of
+cached KV blocks its prompt starts with (``prefix_cache``) and prefills only the rest, at the
+whole prompt's MRoPE positions; the media of that rest come from the vision encoder cache
+(``encoder_cache``) when seen before, and media wholly inside the reused part are not encoded at
+all. ``Usage.cached_tokens`` reports the reused tokens. Both caches are used on the stepping
+thread only; a request's media are hashed in ``new_request``, on the caller's thread.
 """
 from __future__ import annotations
 
@@ -21,8 +28,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .constrained import Constraint, GrammarCache, advance, apply_masks
+from .encoder_cache import EncoderCache, media_items, owners, tail_media
 from .errors import PromptTooLong
 from .output_parser import OutputFormat
+from .prefix_cache import PrefixCache, SequenceKeys, block_keys
 from .request import Delta, PrefillGroup, Request
 from .runner import Runner
 from .sampling import Sampler, SamplingState
@@ -38,12 +47,19 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_model_len: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, prefix_cache_gb: float = 2.0, enable_prefix_caching: bool = True,
+                 encoder_cache_gb: float = 0.5, prefix_block_size: int = 16):
         """``processor`` None: requests carry token ids only (no text), media token ids from the
-        model's config."""
+        model's config. ``prefix_cache_gb``: the KV blocks kept for reuse; ``encoder_cache_gb``:
+        the vision features kept; ``enable_prefix_caching=False`` turns both caches off."""
         self.model, self.processor = model, processor
         self.max_model_len = max_model_len or min(model.config.text.max_position_embeddings, 8192)
         self.runner = Runner(model, max_num_seqs, self.max_model_len, cuda_graphs)
+        self.prefix = self.encoders = None
+        if enable_prefix_caching:
+            self.prefix = PrefixCache(model.config.text, int(prefix_cache_gb * 2**30), prefix_block_size,
+                                      model.dtype, model.device)
+            self.encoders = EncoderCache(int(encoder_cache_gb * 2**30))
         self.scheduler = Scheduler(max_num_seqs)
         self.sampler = Sampler()
         self.vocab = model.config.text.vocab_size
@@ -83,6 +99,9 @@ class Engine:
         params = self._fit(params, inputs["input_ids"].shape[1])
         req = Request(inputs, params, self.tokenizer, *self.media_token_ids, metadata, shares_prompt,
                       output=output)
+        mask = inputs.get("attention_mask")
+        if self.prefix is not None and (mask is None or bool(mask.all())):
+            req.media = media_items(inputs, self.model.config.vision.spatial_merge_size)
         if constraint is not None:
             if self.grammars is None:
                 raise ValueError("constrained output needs the engine's processor (its tokenizer)")
@@ -143,6 +162,7 @@ class Engine:
         with self._lock:
             out = [(req, req.abort()) for req in self.scheduler.running if req.aborted]
             for req, _ in out:
+                self._store(req)
                 self.scheduler.release(req)
             out += [(req, req.abort()) for req in self.scheduler.drop_aborted_waiting()]
             new = self.scheduler.admit()
@@ -165,6 +185,7 @@ class Engine:
 
     def _finish_if_done(self, req: Request, delta: Delta) -> Delta:
         if delta.finished:
+            self._store(req)
             self.scheduler.release(req)
         return delta
 
@@ -174,7 +195,8 @@ class Engine:
         group = reqs[0].group
         inputs = group.inputs if group is not None else reqs[0].inputs
         try:
-            logits, next_position = self.runner.prefill_rows(reqs[0].slot, inputs)  # (B, V), (B,)
+            cached = self._prefill_cached(reqs[0]) if group is None and reqs[0].media is not None else None
+            logits, next_position = cached or self.runner.prefill_rows(reqs[0].slot, inputs)  # (B, V), (B,)
         except Exception as e:
             for req in reqs:
                 self.scheduler.release(req)
@@ -184,7 +206,7 @@ class Engine:
         for i, req in enumerate(reqs):
             req.cache_len = inputs["input_ids"].shape[1]  # padded rows hold their padding too
             req.next_position = int(next_position[i])
-            req.inputs = None  # pixel values are not needed any more
+            req.inputs = req.media = None  # pixel values are not needed any more
             req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
             apply_masks(logits[i : i + 1], [req.live_matcher])
             if self.on_logits is not None:
@@ -195,6 +217,39 @@ class Engine:
         if group is not None:
             group.inputs = None
         return out
+
+    def _prefill_cached(self, req: Request) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Prefill one request after the longest cached prefix of its prompt (never its last token,
+        whose logits are needed), then store its prompt's blocks -> (logits (1, V), next MRoPE
+        position (1,)); None where its placeholders and media disagree (the plain path reports it)."""
+        ids, inputs, slot = req.prompt_ids.cpu(), req.inputs, req.slot  # ids (T,)
+        own = owners(ids, req.media, *self.media_token_ids)
+        if own is None:
+            return None
+        positions, next_position = self.model.positions(ids[None], None, inputs.get("image_grid_thw"),
+                                                        inputs.get("video_grid_thw"))  # (3, 1, T), (1,)
+        media = [it.key for it in req.media]
+        keys = block_keys(ids, positions[:, 0], own, media, self.prefix.block)
+        reusable = keys[: (len(ids) - 1) // self.prefix.block]
+        start = self.prefix.load(self.runner.cache, slot, self.prefix.match(reusable))
+        self.runner.cache.reset(slot, start)
+        before = tuple(int((ids[:start] == tok).sum()) for tok in self.media_token_ids)
+        image, video = tail_media(self.model, self.encoders, req.media, before)
+        embeds, visual_mask, deepstack = self.model.embed(ids[None, start:], image, video)  # (1, T - start, H)
+        logits = self.runner.prefill_tail(slot, start, embeds, positions[:, :, start:], visual_mask, deepstack)
+        req.usage.cached_tokens = start
+        req.keys = SequenceKeys(positions[:, 0], own, media, keys, int(next_position[0]))
+        self.prefix.save(self.runner.cache, slot, keys)  # other choices of the prompt hit at once
+        return logits, next_position
+
+    def _store(self, req: Request) -> None:
+        """Keep a finished request's blocks (prompt + answer: the next turn of a chat starts with
+        them), from its slot before the slot is reused."""
+        if req.keys is not None and req.error is None and req.slot is not None:
+            generated = req.output_ids[: req.cache_len - req.prompt_len]
+            keys = req.keys.extended(req.prompt_ids, generated, self.prefix.block, self.media_token_ids)
+            self.prefix.save(self.runner.cache, req.slot, keys)
+            req.keys = None
 
     def _batch_state(self, running: list[Request]) -> SamplingState:
         """The sampling state of the decode batch, rebuilt only when its membership changes."""

@@ -30,6 +30,13 @@ class KVCache:
         self.padded = [False] * slots  # host copy: does the slot hold padding (needs a mask)?
         self.max_len = max_len
 
+    def reset(self, slot: int, kept: int = 0) -> None:
+        """A new sequence in ``slot`` whose first ``kept`` positions are already written (reused
+        prefix blocks): the rest is forgotten, and the slot holds no padding."""
+        self.valid[slot] = False
+        self.valid[slot, :kept] = True
+        self.padded[slot] = False
+
     def check_room(self, end: int) -> None:
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the KV cache length {self.max_len}")

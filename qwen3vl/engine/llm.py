@@ -38,14 +38,16 @@ CONSTRAINT_OPTIONS = ("tool_choice", "response_format", "parallel_tool_calls")
 class LLM:
     def __init__(self, model: str | None = None, dtype="auto", device="cpu", max_num_seqs: int = 8,
                  max_model_len: int | None = None, progress: bool | None = None, quantization: str | None = None,
-                 group_size: int = 64, media_limits: MediaLimits | None = None):
+                 group_size: int = 64, media_limits: MediaLimits | None = None, prefix_cache_gb: float = 2.0,
+                 enable_prefix_caching: bool = True):
         path = demo_checkpoint() if model is None else resolve_model_path(model)
         self.path = path
         self.is_demo = is_demo(path)
         self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress,
                                              quantization=quantization, group_size=group_size)
         self.processor = Processor.from_pretrained(path, limits=media_limits)
-        self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len)
+        self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len,
+                             prefix_cache_gb=prefix_cache_gb, enable_prefix_caching=enable_prefix_caching)
         # A Thinking checkpoint: outputs start inside the reasoning; its own sampling defaults apply.
         self.thinking = opens_thinking(self.processor.chat_template)
 

@@ -20,6 +20,7 @@ class Usage:
     completion_tokens: int
     image_tokens: int = 0
     video_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -95,6 +96,10 @@ class Request:
         self.aborted = False
         self.error: Exception | None = None
         self.state = None  # SamplingState of this request alone, until it joins the decode batch
+        # Prefix caching: the prompt's media items until its prefill (None: not cached), then
+        # what its blocks are keyed by (``prefix_cache.SequenceKeys``), for storing them at the end.
+        self.media = None
+        self.keys = None
 
     @property
     def live_matcher(self):

@@ -1,6 +1,7 @@
-"""Runs the model for the engine and for ``generate``: prefill prompts into KV slots, decode a batch
-of slots by one token. Every call is one ``model.step``; nothing here knows about sampling or
-stopping.
+"""Runs the model for the engine and for ``generate``: prefill prompts into KV slots (whole, or
+the tail after a reused prefix), decode a batch of slots by one token. Every call is one
+``model.step``; nothing here knows about sampling or stopping. ``prefilled_tokens`` counts the
+positions run through prefill (padding included).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class Runner:
         self.model = model
         self.slots, self.max_len = slots, max_len
         self.cache = KVCache(model.config.text, slots, max_len, model.dtype, model.device)
+        self.prefilled_tokens = 0
         if cuda_graphs is None:
             cuda_graphs = model.device.type == "cuda"
         self.graphs = None
@@ -43,7 +45,21 @@ class Runner:
         self.cache.valid[rows] = False  # forget the slots' previous requests
         view = Window(self.cache, rows, 0, valid, t)
         logits = model.step(prompt.embeds, prompt.positions, view, prompt.visual_mask, prompt.deepstack, 1)
+        self.prefilled_tokens += b * t
         return logits[:, -1].float(), prompt.next_position
+
+    @torch.inference_mode()
+    def prefill_tail(self, slot: int, start: int, embeds: torch.Tensor, positions: torch.Tensor,
+                     visual_mask: torch.Tensor | None, deepstack: list) -> torch.Tensor:
+        """The last T tokens of one prompt into ``slot``, whose first ``start`` positions already
+        hold the prompt's head (``KVCache.reset(slot, start)`` done). embeds (1, T, H), positions
+        (3, 1, T) (the whole prompt's MRoPE positions from ``start`` on), visual_mask (1, T) and
+        DeepStack features as ``model.step`` takes them -> last-position logits (1, V) float32."""
+        t = embeds.shape[1]
+        view = Window(self.cache, slice(slot, slot + 1), start, None, t)
+        logits = self.model.step(embeds, positions.to(self.model.device), view, visual_mask, deepstack, 1)
+        self.prefilled_tokens += t
+        return logits[:, -1].float()
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_pos: torch.Tensor, end: int) -> torch.Tensor:

@@ -207,6 +207,15 @@ class Qwen3VLModel(nn.Module):
         n_img = int(image_grid_thw.prod(-1).sum()) // m2 if pixel_values is not None else 0
         return merged[:n_img], merged[n_img:], [d[:n_img] for d in deep], [d[n_img:] for d in deep]
 
+    def encode_items(self, pixels: list[torch.Tensor], grids: list[torch.Tensor]) -> list[tuple]:
+        """Several images / videos (pixel rows (N_i, C*T*P*P), grid (3,) each) through the encoder
+        in one call -> per item (merged features (n_i, H), [DeepStack features (n_i, H)] per layer)."""
+        grid = torch.stack([g.reshape(3) for g in grids]).to(torch.long)  # (items, 3)
+        merged, deep = self.model.visual(torch.cat(pixels), grid)
+        sizes = (grid.prod(-1) // self.config.vision.spatial_merge_size ** 2).tolist()
+        per_layer = [d.split(sizes) for d in deep]
+        return [(m, [d[i] for d in per_layer]) for i, m in enumerate(merged.split(sizes))]
+
     def _scatter(self, embeds, mask, feats, what: str) -> None:
         n_tok = int(mask.sum())
         if n_tok != feats.shape[0]:
@@ -219,32 +228,51 @@ class Qwen3VLModel(nn.Module):
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None) -> Prompt:
         """Embed a prompt: token embeddings with vision features merged in, positions, deepstack."""
+        input_ids = input_ids.to(self.device)
+        image = video = None
+        if pixel_values is not None or pixel_values_videos is not None:
+            img, vid, ds_img, ds_vid = self.encode_vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            image = (img, ds_img) if pixel_values is not None else None
+            video = (vid, ds_vid) if pixel_values_videos is not None else None
+        embeds, visual_mask, deepstack = self.embed(input_ids, image, video)
+        positions, next_position = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        return Prompt(embeds, positions, next_position, visual_mask, deepstack)
+
+    def embed(self, input_ids: torch.Tensor, image: tuple | None = None, video: tuple | None = None):
+        """Token embeddings of input_ids (B, T) with the vision features of its image / video
+        placeholder tokens merged in. ``image``, ``video``: (features (n, H), [DeepStack (n, H)] per
+        layer) of exactly those tokens, in order (None: there are none).
+        -> (embeds (B, T, H), visual_mask (B, T) bool or None, [DeepStack (n_visual, H)] per layer)."""
         cfg = self.config
         input_ids = input_ids.to(self.device)
         embeds = self.model.language_model.embed_tokens(input_ids)  # (B, T, H)
         img_mask, vid_mask = input_ids == cfg.image_token_id, input_ids == cfg.video_token_id
-        if pixel_values is None and bool(img_mask.any()):
+        if image is None and bool(img_mask.any()):
             raise PlaceholderMismatch(f"input_ids has {int(img_mask.sum())} image tokens but no pixel_values")
-        if pixel_values_videos is None and bool(vid_mask.any()):
+        if video is None and bool(vid_mask.any()):
             raise PlaceholderMismatch(f"input_ids has {int(vid_mask.sum())} video tokens but no pixel_values_videos")
-        visual_mask, deepstack = None, []
-        if pixel_values is not None or pixel_values_videos is not None:
-            img, vid, ds_img, ds_vid = self.encode_vision(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-            if pixel_values is not None:
-                self._scatter(embeds, img_mask, img, "image")
-            if pixel_values_videos is not None:
-                self._scatter(embeds, vid_mask, vid, "video")
-            visual_mask = img_mask | vid_mask
-            is_img = img_mask[visual_mask]  # (n_visual,) which visual tokens are image tokens
-            for di, dv in zip(ds_img, ds_vid):
-                joint = di.new_zeros(int(visual_mask.sum()), di.shape[-1])
-                joint[is_img] = di
-                joint[~is_img] = dv
-                deepstack.append(joint)
-        positions, next_position = mrope_positions(
-            input_ids, attention_mask, image_grid_thw, video_grid_thw,
-            cfg.image_token_id, cfg.video_token_id, cfg.vision.spatial_merge_size)
-        return Prompt(embeds, positions, next_position, visual_mask, deepstack)
+        if image is None and video is None:
+            return embeds, None, []
+        for feats, mask, what in ((image, img_mask, "image"), (video, vid_mask, "video")):
+            if feats is not None:
+                self._scatter(embeds, mask, feats[0], what)
+        visual_mask = img_mask | vid_mask
+        is_img = img_mask[visual_mask]  # (n_visual,) which visual tokens are image tokens
+        deepstack = []
+        for i in range(len((image or video)[1])):
+            joint = embeds.new_zeros(int(visual_mask.sum()), embeds.shape[-1])  # (n_visual, H)
+            if image is not None:
+                joint[is_img] = image[1][i].to(joint.dtype)
+            if video is not None:
+                joint[~is_img] = video[1][i].to(joint.dtype)
+            deepstack.append(joint)
+        return embeds, visual_mask, deepstack
+
+    def positions(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None):
+        """MRoPE positions of a prompt: input_ids (B, T) -> (positions (3, B, T), next_position (B,))."""
+        cfg = self.config
+        return mrope_positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
+                               cfg.image_token_id, cfg.video_token_id, cfg.vision.spatial_merge_size)
 
     def logits(self, hidden: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         if logits_to_keep:
