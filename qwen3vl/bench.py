@@ -70,10 +70,21 @@ def machine_limits(threads: int) -> dict:
     bandwidth = x.numel() * 4 / t / 1e9
     out = {"mem_read_GBps": round(bandwidth, 1)}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
-        t = _best(lambda: a @ b, 5)
-        out[f"gemm_{name}_GFLOPs"] = round(2 * 2048**3 / t / 1e9, 1)
+        out[f"gemm_{name}_GFLOPs"] = round(_gemm_peak(dt), 1)
     return out
+
+
+def _gemm_peak(dtype: torch.dtype) -> float:
+    """GFLOP/s of a square matmul, 2048 wide, or smaller where the CPU has no fast path for the
+    dtype (bf16 without AVX-512 BF16 / AMX runs at ~1 GFLOP/s: 2048^3 would take ~20 s a call)."""
+    n = 256
+    while n < 2048:
+        a = torch.randn(n, n, dtype=dtype)
+        if _best(lambda: a @ a, 1) > 0.05:
+            break
+        n *= 2
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _best(lambda: a @ b, 5) / 1e9
 
 
 def _best(fn, n: int) -> float:
