@@ -134,7 +134,7 @@ def test_internal_errors_are_json_without_traceback(home):
             raise RuntimeError("engine exploded\nTraceback: secret")
 
     class BrokenLLM:
-        is_demo = True
+        is_demo, thinking = True, False
         engine = BrokenEngine()
 
     settings = ServeSettings(served_model_name="x", allowed_hosts=("testserver",))

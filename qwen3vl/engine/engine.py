@@ -102,6 +102,7 @@ class Engine:
         mask = inputs.get("attention_mask")
         if self.prefix is not None and (mask is None or bool(mask.all())):
             req.media = media_items(inputs, self.model.config.vision.spatial_merge_size)
+        req.constraint = constraint
         if constraint is not None:
             if self.grammars is None:
                 raise ValueError("constrained output needs the engine's processor (its tokenizer)")

@@ -83,9 +83,11 @@ class Request:
         if group is not None:
             group.requests.append(self)
         self.stop = StopChecker(params)
+        self.output_format = output
         self.parser = OutputParser(output) if output is not None and (output.reasoning or output.tool_calls) else None
         self._answer = self._reasoning = ""
-        self.matcher = None  # grammar matcher of a constrained request (engine.constrained)
+        self.constraint = None  # what the output must be (engine.constrained), set by Engine.new_request
+        self.matcher = None  # its grammar matcher
         self.result: ChatResult | None = None
         self.metadata = dict(metadata or {})
         self.shares_prompt = shares_prompt

@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ..engine.api import LLM, Request, Usage
 from .body import parse_json, read_body
 from .bridge import Builder, EngineBridge
+from .chat_output import delta_bodies, message_body
 from .errors import (ProtocolError, as_protocol_error, engine_error_body, error_body, error_response,
                      install_error_handlers, log_internal_error, short)
 from .guard import Guard
@@ -60,6 +61,7 @@ class Server:
         self.limits = RequestLimits(llm.engine.max_model_len, settings.max_images, settings.max_videos)
         self.max_body_bytes = settings.max_body_bytes
         self.bridge, self.builder = EngineBridge(llm), Builder(llm)
+        self.thinking = llm.thinking  # reasoning fields in every chat answer
         self.text_pool = BoundedPool("text", TEXT_WORKERS, TEXT_BACKLOG)
         self.media_pool = BoundedPool("media", settings.media_workers,
                                       settings.media_workers * MEDIA_BACKLOG_PER_WORKER)
@@ -123,8 +125,11 @@ class Server:
         if failed is not None:
             status, body = engine_error_body(failed)
             return JSONResponse(body, status_code=status)
-        make = chat_choice if kind == "chat" else completion_choice
-        choices = [make(i, r.result.text, r.result.finish_reason) for i, r in enumerate(reqs)]
+        if kind == "chat":
+            choices = [chat_choice(i, message_body(r.result, self.thinking), r.result.finish_reason)
+                       for i, r in enumerate(reqs)]
+        else:
+            choices = [completion_choice(i, r.result.text, r.result.finish_reason) for i, r in enumerate(reqs)]
         return JSONResponse(head.body(choices, usage_body(_distinct_usages(reqs))))
 
     async def _stream(self, http, head: ResponseHead, kind: str, reqs: list[Request], queue,
@@ -134,10 +139,13 @@ class Server:
             body = {**head.body(choices, usage, include_usage), "object": obj}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def piece(i: int, text: str | None, reason: str | None = None) -> dict:
+        def pieces(i: int, delta) -> list[str]:
             if kind == "chat":
-                return chat_chunk_choice(i, {} if text is None else {"content": text}, reason)
-            return completion_choice(i, text or "", reason)
+                return [chunk([chat_chunk_choice(i, body)]) for body in delta_bodies(delta)]
+            return [chunk([completion_choice(i, delta.text, None)])] if delta.text else []
+
+        def last(i: int, reason: str | None) -> str:
+            return chunk([chat_chunk_choice(i, {}, reason) if kind == "chat" else completion_choice(i, "", reason)])
 
         watcher = self._watch(http, queue)  # Starlette also cancels this generator on disconnect
         try:
@@ -149,14 +157,14 @@ class Server:
                 if item is None:
                     return
                 i, delta = item
-                if delta.text:
-                    yield chunk([piece(i, delta.text)])
+                for text in pieces(i, delta):
+                    yield text
                 if delta.finished:
                     done += 1
                     if reqs[i].error is not None:
                         yield f"data: {json.dumps(engine_error_body(reqs[i].error)[1])}\n\n"
                         break
-                    yield chunk([piece(i, None, delta.result.finish_reason)])
+                    yield last(i, delta.result.finish_reason)
             if include_usage:
                 yield chunk([], usage_body(_distinct_usages(reqs)))
             yield "data: [DONE]\n\n"
@@ -173,7 +181,8 @@ def _distinct_usages(reqs: list[Request]) -> list[Usage]:
     out = []
     for r in reqs:
         u = r.result.usage if r.result is not None else r.usage
-        out.append(Usage(0 if r.shares_prompt else u.prompt_tokens, u.completion_tokens))
+        out.append(Usage(0 if r.shares_prompt else u.prompt_tokens, u.completion_tokens,
+                         cached_tokens=0 if r.shares_prompt else u.cached_tokens))
     return out
 
 

@@ -64,7 +64,7 @@ class Builder:
 
     def chat(self, greq: GenerationRequest) -> list[Request]:
         first = self.llm.request(greq.messages, self.params(greq, 0), greq.mm_processor_kwargs,
-                                 **greq.template_kwargs)
+                                 **greq.constraint_kwargs, **greq.template_kwargs)
         return self._choices(first, greq)
 
     def completion(self, greq: GenerationRequest) -> list[Request]:
@@ -77,7 +77,8 @@ class Builder:
         """n choices share the processed prompt; each gets its own request (and seed)."""
         self._check_room(first, greq)
         engine = self.llm.engine
-        return [first] + [engine.new_request(first.inputs, self.params(greq, i), first.metadata, shares_prompt=True)
+        return [first] + [engine.new_request(first.inputs, self.params(greq, i), first.metadata, shares_prompt=True,
+                                             output=first.output_format, constraint=first.constraint)
                           for i in range(1, greq.n)]
 
     def _check_room(self, req: Request, greq: GenerationRequest) -> None:

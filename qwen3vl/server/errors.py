@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.api import InvalidParameter, PromptTooLong
+from ..engine.api import ConstraintError, InvalidParameter, PromptTooLong
 from ..processor.errors import MediaError
 
 
@@ -73,6 +73,9 @@ def as_protocol_error(e: Exception, prompt_param: str, names: Mapping[str, str])
         return ProtocolError(str(e), prompt_param, code="context_length_exceeded")
     if isinstance(e, MediaError):
         return ProtocolError(str(e), prompt_param)
+    if isinstance(e, ConstraintError):  # a grammar that did not compile names its kind: say the field
+        kinds = {"json_schema": "response_format", "json_object": "response_format", "tool_calls": "tool_choice"}
+        return ProtocolError(str(e), kinds.get(e.param, e.param))
     return ProtocolError(str(e))
 
 

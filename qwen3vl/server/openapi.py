@@ -100,6 +100,10 @@ _DOCUMENT = {
             "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
                 **_COMMON, "messages": {"type": "array", "minItems": 1, "items": _ref("Message")},
                 "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object"}},
+                "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+                "parallel_tool_calls": {"type": "boolean"},
+                "response_format": {"type": "object", "properties": {
+                    "type": {"enum": ["text", "json_object", "json_schema"]}, "json_schema": {"type": "object"}}},
                 "mm_processor_kwargs": {"type": "object", "properties": _OPTIONS, "additionalProperties": False},
                 "chat_template_kwargs": {"type": "object", "properties": {
                     "enable_thinking": {"type": "boolean"}, "add_vision_id": {"type": "boolean"}}}}},

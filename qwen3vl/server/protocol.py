@@ -153,7 +153,7 @@ def convert_messages(messages: Any, policy: MediaPolicy, max_messages: int | Non
 def _extras(msg: dict, param: str) -> dict:
     """A message's tool_calls / name / tool_call_id, checked (the chat template reads them)."""
     out = {}
-    for key in ("name", "tool_call_id"):
+    for key in ("name", "tool_call_id", "reasoning_content", "reasoning"):  # reasoning: either name
         if msg.get(key) is not None:
             out[key] = _check(msg[key], "string", f"{param}.{key}")
     calls = msg.get("tool_calls")
@@ -198,6 +198,7 @@ class GenerationRequest:
     prompts: list[str] = field(default_factory=list)     # completions
     mm_processor_kwargs: dict = field(default_factory=dict)
     template_kwargs: dict = field(default_factory=dict)
+    constraint_kwargs: dict = field(default_factory=dict)  # tool_choice / response_format / parallel_tool_calls
     media: int = 0                                       # image and video parts (chat)
 
 
@@ -268,10 +269,34 @@ def parse_chat_request(body: Any, policy: MediaPolicy, limits: RequestLimits) ->
         # rendered by the chat template (so they count as prompt text); calls come back as text
         req.template_kwargs["tools"] = _tools(body["tools"])
         chars += len(json.dumps(body["tools"], ensure_ascii=False))
+    req.constraint_kwargs = _constraint_fields(body)
     limits.check_prompt_chars(chars, "messages")
     limits.check_media(images, videos)
     req.media = images + videos
     return req
+
+
+def _constraint_fields(body: dict) -> dict:
+    """tool_choice / response_format / parallel_tool_calls, shape-checked (the engine checks the rest)."""
+    out = {}
+    choice = body.get("tool_choice")
+    if choice is not None:
+        named = isinstance(choice, dict) and isinstance(choice.get("function"), dict) and isinstance(
+            choice["function"].get("name"), str)
+        if choice not in ("none", "auto", "required") and not named:
+            raise ProtocolError("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                                '{"type": "function", "function": {"name": ...}}', "tool_choice")
+        out["tool_choice"] = choice
+    fmt = _optional(body, "response_format", "object")
+    if fmt is not None:
+        if fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise ProtocolError("'response_format.type' must be \"text\", \"json_object\" or \"json_schema\"",
+                                "response_format")
+        out["response_format"] = fmt
+    parallel = _optional(body, "parallel_tool_calls", "boolean")
+    if parallel is not None:
+        out["parallel_tool_calls"] = parallel
+    return out
 
 
 def parse_completion_request(body: Any, limits: RequestLimits) -> GenerationRequest:
@@ -296,10 +321,13 @@ def new_id(prefix: str) -> str:
 
 
 def usage_body(usages: list) -> dict:
-    """OpenAI usage over the choices of one response (the prompt is counted once per prompt)."""
+    """OpenAI usage over the choices of one response (the prompt is counted once per prompt);
+    ``prompt_tokens_details.cached_tokens``: prompt tokens the prefix cache supplied."""
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(u.cached_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -323,9 +351,8 @@ class ResponseHead:
         return out
 
 
-def chat_choice(index: int, text: str, reason: str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-            "finish_reason": finish_reason(reason)}
+def chat_choice(index: int, message: dict, reason: str | None) -> dict:
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(reason)}
 
 
 def chat_chunk_choice(index: int, delta: dict, reason: str | None = None) -> dict:

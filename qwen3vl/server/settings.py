@@ -56,6 +56,8 @@ class ServeSettings:
     device: str = "cpu"
     quantization: str | None = None          # "int8" | "int4": weight-only, done while loading
     group_size: int = 64                     # int4 group size
+    prefix_cache_gb: float = 2.0             # KV blocks kept for reuse across requests (later chat turns)
+    enable_prefix_caching: bool = True       # False: every request prefills its whole prompt
     # ---- media (the processor enforces these, see MediaLimits)
     max_images: int = 2                      # image parts per request (--limit-mm-per-prompt)
     max_videos: int = 1                      # video parts per request
@@ -78,6 +80,8 @@ class ServeSettings:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not self.prefix_cache_gb >= 0:
+            raise ValueError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
             raise ValueError(f"allowed_local_media_path is not a folder: {self.allowed_local_media_path}")
         self._check_limits()
