@@ -3,7 +3,9 @@
 ``qwen3vl chat`` with a PROMPT answers once; without one it opens a multi-turn session on stdin
 (``/image PATH`` and ``/video PATH`` attach media to the next message, ``/reset`` clears the
 conversation, ``/exit`` or Ctrl-D quits). Without ``--model`` it runs on the tiny random-weight
-demo checkpoint.
+demo checkpoint. A Thinking model's reasoning is printed before the answer (dimmed on a terminal;
+``--hide-reasoning`` leaves it out); ``--boxes OUT.png`` draws the answer's boxes and points on the
+image asked about (qwen3vl.cli_output).
 """
 from __future__ import annotations
 
@@ -45,15 +47,18 @@ def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
     return {"role": "user", "content": content}
 
 
-def _answer(llm, history: list[dict], sampling: dict, out) -> str | None:
-    """Stream one reply to ``out``; returns its text, or None after printing an error."""
+def _answer(llm, history: list[dict], sampling: dict, out, show_reasoning: bool = True) -> str | None:
+    """Stream one reply to ``out`` (a Thinking model's reasoning first, dimmed on a terminal);
+    returns the answer text, or None after printing an error."""
+    from .cli_output import ReplyPrinter
+
+    printer = ReplyPrinter(out, show_reasoning, dim=out.isatty())
     try:
         result = None
         for delta in llm.stream_chat(history, **sampling):
-            out.write(delta.text)
-            out.flush()
+            printer.write(delta)
             result = delta.result or result
-        out.write("\n")
+        printer.finish()
         if result is not None and result.finish_reason == "length":
             print(f"[stopped after {result.usage.completion_tokens} tokens: --max-new-tokens]", file=sys.stderr)
         return result.text if result else ""
@@ -62,9 +67,25 @@ def _answer(llm, history: list[dict], sampling: dict, out) -> str | None:
         return None
 
 
+def _draw_boxes(args, image: str | None, answer: str | None) -> None:
+    """``--boxes OUT.png``: the answer's boxes / points drawn on ``image`` (the turn's first image)."""
+    if not args.boxes or answer is None:
+        return
+    from .cli_output import boxes_message, save_boxes
+
+    if image is None:
+        print("[--boxes: this message had no image to draw on]", file=sys.stderr)
+        return
+    try:
+        print(boxes_message(save_boxes(image, answer, args.boxes), args.boxes))
+    except (ValueError, OSError) as e:
+        print(f"error: --boxes: {e}", file=sys.stderr)
+
+
 def _repl(llm, args, sampling: dict) -> int:
     history: list[dict] = []
     images, videos = list(args.image), list(args.video)
+    drawn_on = None  # the image --boxes draws on: the first one of the latest message that had one
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message. /image PATH, /video PATH attach media; /reset clears; /exit or Ctrl-D quits.")
@@ -80,7 +101,7 @@ def _repl(llm, args, sampling: dict) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            history, images, videos = [], [], []
+            history, images, videos, drawn_on = [], [], [], None
             print("[conversation cleared]")
             continue
         if line.startswith(("/image ", "/video ")):
@@ -96,12 +117,14 @@ def _repl(llm, args, sampling: dict) -> int:
             print(f"error: unknown command {line.split()[0]} (use /image, /video, /reset, /exit)", file=sys.stderr)
             continue
         history.append(_user_message(line, images, videos))
+        drawn_on = images[0] if images else drawn_on
         images, videos = [], []
-        reply = _answer(llm, history, sampling, sys.stdout)
+        reply = _answer(llm, history, sampling, sys.stdout, not args.hide_reasoning)
         if reply is None:
             history.pop()
         else:
-            history.append({"role": "assistant", "content": reply})
+            history.append({"role": "assistant", "content": reply})  # the answer only, not the reasoning
+            _draw_boxes(args, drawn_on, reply)
 
 
 def cmd_chat(args) -> int:
@@ -111,6 +134,13 @@ def cmd_chat(args) -> int:
         if not os.path.isfile(f) and not f.startswith(("http://", "https://")):
             print(f"error: no such file: {f}", file=sys.stderr)
             return 2
+    if args.boxes and args.prompt and not args.image:
+        print("error: --boxes needs an --image to draw on", file=sys.stderr)
+        return 2
+    if args.boxes and args.image and args.image[0].startswith(("http://", "https://")):
+        print("error: --boxes draws on a local image file; download it and pass its path to --image",
+              file=sys.stderr)
+        return 2
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               quantization=args.quantization, group_size=args.group_size)
     if llm.is_demo:
@@ -118,7 +148,9 @@ def cmd_chat(args) -> int:
     sampling = _sampling_kwargs(args)
     if args.prompt:
         msg = _user_message(" ".join(args.prompt), args.image, args.video)
-        return 0 if _answer(llm, [msg], sampling, sys.stdout) is not None else 1
+        answer = _answer(llm, [msg], sampling, sys.stdout, not args.hide_reasoning)
+        _draw_boxes(args, args.image[0] if args.image else None, answer)
+        return 0 if answer is not None else 1
     return _repl(llm, args, sampling)
 
 
@@ -150,7 +182,8 @@ def serve_settings(args):
         media_fetch_timeout=args.media_fetch_timeout, allowed_media_domains=_names(args.allowed_media_domains),
         allow_private_media=args.allow_private_media, media_workers=args.media_workers,
         max_body_mb=args.max_body_mb, allowed_hosts=_names(args.allowed_hosts),
-        allowed_origins=_names(args.allowed_origins))
+        allowed_origins=_names(args.allowed_origins), prefix_cache_gb=args.prefix_cache_gb,
+        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def cmd_serve(args) -> int:
@@ -188,6 +221,10 @@ def _add_serve_limit_args(p: argparse.ArgumentParser) -> None:
                         "any when bound to 0.0.0.0 or ::)")
     p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="web origins allowed to call the API from a browser (CORS; off by default)")
+    p.add_argument("--prefix-cache-gb", type=float, default=2.0, metavar="GB",
+                   help="memory for KV blocks reused across requests (a chat's later turns prefill only what is new)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached prompt prefixes and vision features (--no-enable-prefix-caching: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], help="image file or URL (repeatable)")
     chat.add_argument("--video", action="append", default=[], help="video file or URL")
     chat.add_argument("--max-model-len", type=int, default=None)
+    chat.add_argument("--hide-reasoning", action="store_true",
+                      help="do not print a Thinking model's reasoning (printed dimmed before the answer by default)")
+    chat.add_argument("--boxes", default=None, metavar="OUT.png",
+                      help="draw the boxes / points of the answer on the (first) --image and save it to OUT.png")
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive session")
     chat.set_defaults(func=cmd_chat)
 
