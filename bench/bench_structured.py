@@ -4,7 +4,7 @@ For each schema: grammar compile time (first request; later requests copy the co
 then the per-token cost of constraining B rows (B = 1 and 8): computing each row's token mask,
 applying it to the (B, V) logits and advancing each matcher by the sampled token, while the rows
 walk through a valid JSON value token by token. The decode step it is compared with is the
-engine's own batched decode step of the 2B architecture (random weights, bf16, same run), so the
+engine's own batched decode step of the 2B architecture (random weights, same run), so the
 last column is the share of a step that constraining adds (goal: under 5 %). xgrammar is
 measured on the same tokenizer and schemas when it is installed (it is not a dependency: it
 needs transformers); the choice of llguidance rests on these figures and on its dependencies.
@@ -124,12 +124,14 @@ def main() -> int:
     ap.add_argument("--arch", default="2B")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtype", default="bfloat16", help="runtime dtype (the checkpoint is bf16); float32 where "
+                                                        "the CPU has no fast bf16 (no AVX-512 BF16 / AMX)")
     args = ap.parse_args()
-    llm = qwen3vl.LLM(with_tokenizer(checkpoint(args.arch, "bfloat16")), dtype="bfloat16")
+    llm = qwen3vl.LLM(with_tokenizer(checkpoint(args.arch, "bfloat16")), dtype=args.dtype)
     vocab, tok = llm.engine.vocab, llm.processor.tokenizer
     cache = GrammarCache(tok, vocab, llm.engine.stop_token_ids)
     cache.matcher(Constraint.json_object())  # the llguidance tokenizer is built once per engine (~1 s)
-    rows, summary = [], {"arch": args.arch, "threads": torch.get_num_threads(), "runs": []}
+    rows, summary = [], {"arch": args.arch, "dtype": args.dtype, "threads": torch.get_num_threads(), "runs": []}
     for batch in map(int, args.batches.split(",")):
         step = decode_step_ms(llm, batch, args.steps)
         for name, schema in SCHEMAS.items():
@@ -141,7 +143,7 @@ def main() -> int:
                    "xgrammar_compile_ms": xg and xg[0], "xgrammar_token_ms": xg and xg[1]}
             summary["runs"].append(run)
             rows.append(run)
-    print(f"\nconstrained decoding, arch={args.arch}, threads={summary['threads']}")
+    print(f"\nconstrained decoding, arch={args.arch}, dtype={args.dtype}, threads={summary['threads']}")
     print(f"{'batch':>5} {'schema':>7} {'step ms':>8} | {'llg compile':>11} {'llg/token':>9} {'share':>6} | "
           f"{'xgr compile':>11} {'xgr/token':>9}")
     for r in rows:
