@@ -24,7 +24,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -37,8 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qwen3vl.bench import checkpoint  # noqa: E402
-from qwen3vl.demo import demo_checkpoint  # noqa: E402
+from qwen3vl.bench import checkpoint, with_tokenizer  # noqa: E402
 from qwen3vl.processor import Processor  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -48,15 +46,6 @@ TURNS = [("image", "Describe this picture in detail."), (None, "Which colours do
          ("video", "What happens in this clip?"), (None, "How long does it last?"),
          (None, "Summarise everything we discussed."), (None, "Thanks. Any last remark?")]
 VIDEO_FPS = 2
-
-
-def with_tokenizer(path: str) -> str:
-    """A weights-only bench checkpoint completed with the demo's real tokenizer and template."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
-                 "video_preprocessor_config.json"):
-        if not os.path.exists(os.path.join(path, name)):
-            shutil.copy(os.path.join(demo_checkpoint(), name), path)
-    return path
 
 
 def media_uris(size: int) -> dict:

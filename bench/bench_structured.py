@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -27,8 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import qwen3vl  # noqa: E402
-from qwen3vl.bench import checkpoint  # noqa: E402
-from qwen3vl.demo import demo_checkpoint  # noqa: E402
+from qwen3vl.bench import checkpoint, with_tokenizer  # noqa: E402
 from qwen3vl.engine.constrained import Constraint, GrammarCache, advance, apply_masks  # noqa: E402
 
 SCHEMAS = {
@@ -43,15 +41,6 @@ SCHEMAS = {
 VALUES = {"flat": {"name": "Ada Lovelace the first programmer", "age": 36},
           "nested": {"items": [{"label": f"object number {i}", "bbox_2d": [10 * i, 20, 300, 400 + i]}
                                for i in range(6)]}}
-
-
-def with_tokenizer(path: str) -> str:
-    """The bench checkpoint (weights only) completed with the real tokenizer and template of the demo."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
-                 "video_preprocessor_config.json"):
-        if not os.path.exists(os.path.join(path, name)):
-            shutil.copy(os.path.join(demo_checkpoint(), name), path)
-    return path
 
 
 def decode_step_ms(llm, batch: int, steps: int) -> float:

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from . import env
+from .demo import demo_checkpoint
 from .engine.hf import Qwen3VL
 from .quant import quantize_modules
 from .random_checkpoint import TINY_CONFIG, write_random_checkpoint
@@ -58,6 +60,16 @@ def checkpoint(arch: str, dtype: str) -> str:
         write_random_checkpoint(path, cfg, seed=0, dtype=getattr(torch, dtype))
         with open(os.path.join(path, "DONE"), "w"):
             pass
+    return path
+
+
+def with_tokenizer(path: str) -> str:
+    """A weights-only bench checkpoint completed with the demo's real tokenizer, template and
+    processor configs (for benches that go through the processor or the server)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+                 "video_preprocessor_config.json"):
+        if not os.path.exists(os.path.join(path, name)):
+            shutil.copy(os.path.join(demo_checkpoint(), name), path)
     return path
 
 
