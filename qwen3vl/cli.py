@@ -202,7 +202,7 @@ def cmd_bench(argv: list[str]) -> int:
 def _add_serve_limit_args(p: argparse.ArgumentParser) -> None:
     """Request and media limits of ``qwen3vl serve`` (defaults: ServeSettings; README, Serving)."""
     p.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
-                   help='media parts per request, e.g. \'{"image": 2, "video": 1}\' (the default)')
+                   help='media parts per request, e.g. \'{"image": 4, "video": 1}\' (default: one of each, as vLLM)')
     p.add_argument("--max-media-pixels", type=int, default=2_097_152,
                    help="source pixels of one image or video frame (also the most a resize option may ask for)")
     p.add_argument("--max-media-frames", type=int, default=32, help="frames kept from one video")

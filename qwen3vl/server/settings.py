@@ -59,7 +59,7 @@ class ServeSettings:
     prefix_cache_gb: float = 2.0             # KV blocks kept for reuse across requests (later chat turns)
     enable_prefix_caching: bool = True       # False: every request prefills its whole prompt
     # ---- media (the processor enforces these, see MediaLimits)
-    max_images: int = 2                      # image parts per request (--limit-mm-per-prompt)
+    max_images: int = 1                      # image parts per request (--limit-mm-per-prompt)
     max_videos: int = 1                      # video parts per request
     max_media_pixels: int = 2_097_152        # source pixels of one image or video frame (1080p fits)
     max_media_frames: int = 32               # frames kept from one video
