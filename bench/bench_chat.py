@@ -97,7 +97,8 @@ def serve_flags() -> str:
 def start_server(path: str, extra: list[str], log) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "qwen3vl.cli", "serve", "--model", path, "--port", str(port),
-           "--max-num-seqs", "2", "--max-model-len", "8192", *extra]
+           "--max-num-seqs", "2", "--max-model-len", "8192", "--limit-mm-per-prompt", '{"image": 2, "video": 1}',
+           "--max-media-frames", "64", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
