@@ -37,7 +37,7 @@ MAX_MESSAGE_CHARS = 2000
 
 
 def printable(text: str) -> str:
-    """``text`` with lone surrogates as ``\\udXXX`` escapes (UTF-8 cannot encode them)."""
+    """``text`` with lone surrogates as backslash escapes such as ``\\udc80`` (UTF-8 cannot encode them)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
