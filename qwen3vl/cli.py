@@ -183,7 +183,7 @@ def serve_settings(args):
         allow_private_media=args.allow_private_media, media_workers=args.media_workers,
         max_body_mb=args.max_body_mb, allowed_hosts=_names(args.allowed_hosts),
         allowed_origins=_names(args.allowed_origins), prefix_cache_gb=args.prefix_cache_gb,
-        enable_prefix_caching=args.enable_prefix_caching)
+        enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def cmd_serve(args) -> int:
@@ -225,6 +225,9 @@ def _add_serve_limit_args(p: argparse.ArgumentParser) -> None:
                    help="memory for KV blocks reused across requests (a chat's later turns prefill only what is new)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached prompt prefixes and vision features (--no-enable-prefix-caching: off)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, metavar="N",
+                   help="prompt tokens one step prefills while other requests decode: a longer prompt (a video) "
+                        "is prefilled in chunks between their tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:

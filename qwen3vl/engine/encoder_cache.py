@@ -9,12 +9,16 @@ only the former would silently change results), least recently used first out un
 
 ``tail_media`` gives the features of the placeholder tokens from some token on (the part of a
 prompt that the prefix cache did not cover): items wholly before it are never encoded, the rest
-come from the cache or from one encoder call over the misses.
+come from the cache or from one encoder call over the misses. ``encode_pieces`` encodes the misses
+beforehand in pieces of a few video frames (the encoder attends within one frame, so a piece's
+features are those rows of the whole video's), so that the engine can decode running requests
+between the pieces of a long video.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +45,10 @@ def media_key(pixels: torch.Tensor, grid: torch.Tensor) -> bytes:
     return h.digest()
 
 
-def media_items(inputs: dict, merge: int) -> list[MediaItem] | None:
+def media_items(inputs: dict, merge: int, hashed: bool = True) -> list[MediaItem] | None:
     """A prompt's images (in order), then its videos. None where the pixel rows and grids
-    disagree: such a prompt takes the uncached path, which reports the error."""
+    disagree: such a prompt takes the uncached path, which reports the error. ``hashed=False``
+    (nothing is cached): each item is keyed by its index instead of its content."""
     items = []
     for pix_key, grid_key, video in (("pixel_values", "image_grid_thw", False),
                                      ("pixel_values_videos", "video_grid_thw", True)):
@@ -57,7 +62,8 @@ def media_items(inputs: dict, merge: int) -> list[MediaItem] | None:
         if sum(rows) != pixels.shape[0] or any(n % (merge * merge) for n in rows):
             return None
         for part, grid, n in zip(pixels.split(rows), grids, rows):
-            items.append(MediaItem(media_key(part, grid), part, grid, n // (merge * merge), video))
+            key = media_key(part, grid) if hashed else len(items).to_bytes(4, "little")
+            items.append(MediaItem(key, part, grid, n // (merge * merge), video))
     return items
 
 
@@ -88,10 +94,13 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def features(self, model, items: list[MediaItem]) -> list[Features]:
-        """Each item's features: cached ones reused, the distinct misses encoded in one call."""
-        found = {}
+    def features(self, model, items: list[MediaItem], known: dict[bytes, Features] | None = None) -> list[Features]:
+        """Each item's features: ``known`` ones (key -> features) and cached ones reused, the
+        distinct misses encoded in one call."""
+        found = dict(known or {})
         for it in items:
+            if it.key in found:
+                continue
             if it.key in self._entries:
                 self._entries.move_to_end(it.key)
                 found[it.key] = self._entries[it.key]
@@ -115,11 +124,35 @@ class EncoderCache:
         self.used += size
 
 
-def tail_media(model, cache: EncoderCache, items: list[MediaItem], before: tuple[int, int]):
-    """Features of the image and of the video placeholder tokens after a cut, ``before`` = (image
-    tokens, video tokens) ahead of it -> (image, video): each (features (n, H), [DeepStack (n, H)])
-    of those tokens in order, or None where the tail has none. A cut inside an item takes the rows
-    of its tokens after the cut."""
+    def encode_pieces(self, model, items: list[MediaItem], budget: Callable[[], int],
+                      out: dict[bytes, Features]) -> Iterator[None]:
+        """Encode the items neither cached nor in ``out`` into ``out`` (and the cache), in pieces
+        of whole frames of at most ``budget()`` tokens (asked before each piece; at least one
+        frame), yielding after each piece."""
+        todo = list({it.key: it for it in items if it.key not in out and it.key not in self._entries}.values())
+        while todo:
+            if budget() >= sum(it.tokens for it in todo):  # all at once: one encoder call
+                for it, feats in zip(todo, self.features(model, todo)):
+                    out[it.key] = feats
+                return
+            it = todo.pop(0)
+            t, h, w = it.grid.tolist()
+            per_frame, parts, done = it.tokens // t, [], 0
+            while done < t:
+                n = min(t - done, max(1, budget() // per_frame))
+                rows = it.pixels[done * h * w : (done + n) * h * w]  # a video's rows are frame-major
+                parts.append(model.encode_items([rows], [torch.tensor([n, h, w])])[0])
+                done += n
+                yield
+            feats = (torch.cat([p[0] for p in parts]), [torch.cat(d) for d in zip(*(p[1] for p in parts))])
+            self.encoded += 1
+            self._put(it.key, feats)
+            out[it.key] = feats
+
+
+def after_cut(items: list[MediaItem], before: tuple[int, int]) -> tuple[list[MediaItem], list[int]]:
+    """The items with placeholder tokens after a cut that has ``before`` = (image tokens, video
+    tokens) ahead of it, and how many of each one's tokens lie before the cut."""
     needed, skip = [], []
     for video, ahead in ((False, before[0]), (True, before[1])):
         start = 0
@@ -128,7 +161,17 @@ def tail_media(model, cache: EncoderCache, items: list[MediaItem], before: tuple
                 needed.append(it)
                 skip.append(max(ahead - start, 0))  # rows of this item before the cut
             start += it.tokens
-    feats = cache.features(model, needed) if needed else []
+    return needed, skip
+
+
+def tail_media(model, cache: EncoderCache, items: list[MediaItem], before: tuple[int, int],
+               known: dict[bytes, Features] | None = None):
+    """Features of the image and of the video placeholder tokens after a cut, ``before`` = (image
+    tokens, video tokens) ahead of it -> (image, video): each (features (n, H), [DeepStack (n, H)])
+    of those tokens in order, or None where the tail has none. A cut inside an item takes the rows
+    of its tokens after the cut. ``known``: features already encoded (``EncoderCache.encode_pieces``)."""
+    needed, skip = after_cut(items, before)
+    feats = cache.features(model, needed, known) if needed else []
     out = []
     for video in (False, True):
         parts = [(f, s) for it, f, s in zip(needed, feats, skip) if it.video == video]

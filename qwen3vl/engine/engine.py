@@ -1,8 +1,12 @@
 """The serving engine: requests in, token deltas out, with continuous batching.
 
-``Engine.step()`` admits at most one waiting request (its prefill; or one prefill group, a padded
-batch prefilled in one pass), hands its first token to the listeners at once, then decodes one
-token for every running request in a single batched forward pass. The sampling state of the
+``Engine.step()`` admits at most one waiting request (or one prefill group, a padded batch
+prefilled in one pass), runs a chunk of the admitted prompt's prefill (chunked prefill: while
+other requests decode, a step prefills at most ``max_num_batched_tokens`` minus their number of
+positions, so a long prompt such as a video never freezes running streams for more than one
+chunk; alone, a prompt is prefilled in one piece), hands a finished prompt's first token to the
+listeners at once, then decodes one token for every request past its prefill in a single
+batched forward pass. The sampling state of the
 decode batch is rebuilt only when its membership changes. ``Qwen3VL.generate`` runs on a
 private engine too (``qwen3vl.engine.generate``): one loop and one stop implementation for both.
 
@@ -28,9 +32,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .constrained import Constraint, GrammarCache, advance, apply_masks
-from .encoder_cache import EncoderCache, media_items, owners, tail_media
+from .encoder_cache import EncoderCache, after_cut, media_items, owners, tail_media
 from .errors import PromptTooLong
 from .output_parser import OutputFormat
+from .prefill import Admitted, PendingPrefill, chunk_size
 from .prefix_cache import PrefixCache, SequenceKeys, block_keys
 from .request import Delta, PrefillGroup, Request
 from .runner import Runner
@@ -48,18 +53,22 @@ class EngineStats:
 class Engine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_model_len: int | None = None,
                  cuda_graphs: bool | None = None, prefix_cache_gb: float = 2.0, enable_prefix_caching: bool = True,
-                 encoder_cache_gb: float = 0.5, prefix_block_size: int = 16):
+                 encoder_cache_gb: float = 0.5, prefix_block_size: int = 16, max_num_batched_tokens: int = 512):
         """``processor`` None: requests carry token ids only (no text), media token ids from the
         model's config. ``prefix_cache_gb``: the KV blocks kept for reuse; ``encoder_cache_gb``:
-        the vision features kept; ``enable_prefix_caching=False`` turns both caches off."""
+        the vision features kept; ``enable_prefix_caching=False`` turns both caches off;
+        ``max_num_batched_tokens``: the tokens one step runs while other requests decode (a longer
+        prompt is prefilled in chunks between their decode steps)."""
+        if max_num_batched_tokens < 16:
+            raise ValueError(f"max_num_batched_tokens must be >= 16, got {max_num_batched_tokens}")
         self.model, self.processor = model, processor
         self.max_model_len = max_model_len or min(model.config.text.max_position_embeddings, 8192)
         self.runner = Runner(model, max_num_seqs, self.max_model_len, cuda_graphs)
-        self.prefix = self.encoders = None
+        self.prefix = None
         if enable_prefix_caching:
             self.prefix = PrefixCache(model.config.text, int(prefix_cache_gb * 2**30), prefix_block_size,
                                       model.dtype, model.device)
-            self.encoders = EncoderCache(int(encoder_cache_gb * 2**30))
+        self.encoders = EncoderCache(int(encoder_cache_gb * 2**30) if enable_prefix_caching else 0)
         self.scheduler = Scheduler(max_num_seqs)
         self.sampler = Sampler()
         self.vocab = model.config.text.vocab_size
@@ -72,6 +81,8 @@ class Engine:
                                                                      self.stop_token_ids)
         ids = processor if processor is not None else model.config
         self.media_token_ids = (ids.image_token_id, ids.video_token_id)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._filling: Admitted | None = None  # the admitted prompt being prefilled in chunks
         self._rows: list[Request] = []  # decode batch membership, in slot order
         self._state: SamplingState | None = None
         self._lock = threading.Condition()
@@ -100,8 +111,8 @@ class Engine:
         req = Request(inputs, params, self.tokenizer, *self.media_token_ids, metadata, shares_prompt,
                       output=output)
         mask = inputs.get("attention_mask")
-        if self.prefix is not None and (mask is None or bool(mask.all())):
-            req.media = media_items(inputs, self.model.config.vision.spatial_merge_size)
+        if mask is None or bool(mask.all()):
+            req.media = media_items(inputs, self.model.config.vision.spatial_merge_size, self.prefix is not None)
         req.constraint = constraint
         if constraint is not None:
             if self.grammars is None:
@@ -166,15 +177,24 @@ class Engine:
                 self._store(req)
                 self.scheduler.release(req)
             out += [(req, req.abort()) for req in self.scheduler.drop_aborted_waiting()]
-            new = self.scheduler.admit()
+            if self._filling is not None and self._filling.req.aborted:
+                self._filling = None
+            new = self.scheduler.admit() if self._filling is None else []
         if new:
-            out += self._prefill(new)
+            out += self._prefill_group(new) if new[0].group is not None else self._begin(new[0])
+        if self._filling is not None:
+            out += self._prefill_chunk(len(self._decoders()))
         self._deliver(out)  # a new request's first token goes out before the decode step runs
-        if self.scheduler.running:
+        if self._decoders():
             decoded = self._decode()
             self._deliver(decoded)
             out += decoded
         return out
+
+    def _decoders(self) -> list[Request]:
+        """The running requests past their prefill, in slot order."""
+        filling = None if self._filling is None else self._filling.req
+        return sorted((r for r in self.scheduler.running if r is not filling), key=lambda r: r.slot)
 
     def _deliver(self, pairs: list[tuple[Request, Delta]]) -> None:
         for req, delta in pairs:
@@ -190,58 +210,96 @@ class Engine:
             self.scheduler.release(req)
         return delta
 
-    def _prefill(self, reqs: list[Request]) -> list[tuple[Request, Delta]]:
-        """Prefill one request, or a group in one padded pass, and sample each one's first token.
-        A bad prompt fails alone (its requests end with ``error`` set; ``LLM`` re-raises it)."""
-        group = reqs[0].group
-        inputs = group.inputs if group is not None else reqs[0].inputs
+    def _prefill_group(self, reqs: list[Request]) -> list[tuple[Request, Delta]]:
+        """Prefill a group in one padded pass and sample each one's first token. A bad prompt
+        fails alone (its requests end with ``error`` set; ``LLM`` re-raises it)."""
+        inputs = reqs[0].group.inputs
         try:
-            cached = self._prefill_cached(reqs[0]) if group is None and reqs[0].media is not None else None
-            logits, next_position = cached or self.runner.prefill_rows(reqs[0].slot, inputs)  # (B, V), (B,)
+            logits, next_position = self.runner.prefill_rows(reqs[0].slot, inputs)  # (B, V), (B,)
         except Exception as e:
-            for req in reqs:
-                self.scheduler.release(req)
-                req.error = e
-            return [(req, req.abort()) for req in reqs]
-        out = []
-        for i, req in enumerate(reqs):
-            req.cache_len = inputs["input_ids"].shape[1]  # padded rows hold their padding too
-            req.next_position = int(next_position[i])
-            req.inputs = req.media = None  # pixel values are not needed any more
-            req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
-            apply_masks(logits[i : i + 1], [req.live_matcher])
-            if self.on_logits is not None:
-                self.on_logits([req], logits[i : i + 1], self.sampler.process_logits(logits[i : i + 1], req.state))
-            token = int(self.sampler(logits[i : i + 1], req.state)[0])
-            advance([req.live_matcher], [token])
-            out.append((req, self._finish_if_done(req, req.add_token(token))))
-        if group is not None:
-            group.inputs = None
-        return out
+            return self._fail(reqs, e)
+        reqs[0].group.inputs = None
+        return [(req, self._first_token(req, logits[i : i + 1], int(next_position[i]), inputs["input_ids"].shape[1]))
+                for i, req in enumerate(reqs)]
 
-    def _prefill_cached(self, req: Request) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Prefill one request after the longest cached prefix of its prompt (never its last token,
-        whose logits are needed), then store its prompt's blocks -> (logits (1, V), next MRoPE
-        position (1,)); None where its placeholders and media disagree (the plain path reports it)."""
-        ids, inputs, slot = req.prompt_ids.cpu(), req.inputs, req.slot  # ids (T,)
-        own = owners(ids, req.media, *self.media_token_ids)
-        if own is None:
-            return None
+    def _fail(self, reqs: list[Request], error: Exception) -> list[tuple[Request, Delta]]:
+        for req in reqs:
+            self.scheduler.release(req)
+            req.error = error
+        return [(req, req.abort()) for req in reqs]
+
+    def _first_token(self, req: Request, logits: torch.Tensor, next_position: int, cache_len: int) -> Delta:
+        """A prefilled request's first token from its last-position logits (1, V)."""
+        req.cache_len = cache_len  # padded rows hold their padding too
+        req.next_position = next_position
+        req.inputs = req.media = None  # pixel values are not needed any more
+        req.state = SamplingState.new([req.params], [req.prompt_ids], self.vocab, logits.device)
+        apply_masks(logits, [req.live_matcher])
+        if self.on_logits is not None:
+            self.on_logits([req], logits, self.sampler.process_logits(logits, req.state))
+        token = int(self.sampler(logits, req.state)[0])
+        advance([req.live_matcher], [token])
+        return self._finish_if_done(req, req.add_token(token))
+
+    def _begin(self, req: Request) -> list[tuple[Request, Delta]]:
+        """Admit one request: the next steps encode its media and prefill its prompt in chunks."""
+        self._filling = Admitted(req)
+        self._filling.prep = self._prepare(self._filling)
+        return []
+
+    def _prepare(self, f: Admitted):
+        """Generator: reuse the longest cached prefix of the prompt (never its last token, whose
+        logits are needed), encode the media of the rest in pieces (yielding after each) and embed
+        it -> the ``PendingPrefill`` of the rest, at the whole prompt's MRoPE positions."""
+        req, slot = f.req, f.req.slot
+        ids, inputs = req.prompt_ids.cpu(), req.inputs  # ids (T,)
+        own = None if req.media is None else owners(ids, req.media, *self.media_token_ids)
+        if own is None:  # padded, or placeholders and media disagree (prepare reports it)
+            prompt = self.model.prepare(**inputs)
+            self.runner.cache.reset(slot)
+            return PendingPrefill(req, 0, prompt.embeds, prompt.positions, prompt.visual_mask, prompt.deepstack,
+                                  prompt.next_position)
         positions, next_position = self.model.positions(ids[None], None, inputs.get("image_grid_thw"),
                                                         inputs.get("video_grid_thw"))  # (3, 1, T), (1,)
-        media = [it.key for it in req.media]
-        keys = block_keys(ids, positions[:, 0], own, media, self.prefix.block)
-        reusable = keys[: (len(ids) - 1) // self.prefix.block]
-        start = self.prefix.load(self.runner.cache, slot, self.prefix.match(reusable))
-        self.runner.cache.reset(slot, start)
-        before = tuple(int((ids[:start] == tok).sum()) for tok in self.media_token_ids)
-        image, video = tail_media(self.model, self.encoders, req.media, before)
-        embeds, visual_mask, deepstack = self.model.embed(ids[None, start:], image, video)  # (1, T - start, H)
-        logits = self.runner.prefill_tail(slot, start, embeds, positions[:, :, start:], visual_mask, deepstack)
-        req.usage.cached_tokens = start
-        req.keys = SequenceKeys(positions[:, 0], own, media, keys, int(next_position[0]))
-        self.prefix.save(self.runner.cache, slot, keys)  # other choices of the prompt hit at once
-        return logits, next_position
+        seq = None
+        if self.prefix is not None:
+            media = [it.key for it in req.media]
+            keys = block_keys(ids, positions[:, 0], own, media, self.prefix.block)
+            f.start = self.prefix.load(self.runner.cache, slot, self.prefix.match(keys[: (len(ids) - 1) // self.prefix.block]))
+            seq = SequenceKeys(positions[:, 0], own, media, keys, int(next_position[0]))
+        self.runner.cache.reset(slot, f.start)
+        before = tuple(int((ids[: f.start] == tok).sum()) for tok in self.media_token_ids)
+        known = {}
+        budget = lambda: chunk_size(self.max_num_batched_tokens, f.decoding, 1 << 62)  # noqa: E731
+        yield from self.encoders.encode_pieces(self.model, after_cut(req.media, before)[0], budget, known)
+        image, video = tail_media(self.model, self.encoders, req.media, before, known)
+        embeds, visual_mask, deepstack = self.model.embed(ids[None, f.start :], image, video)  # (1, T - start, H)
+        req.usage.cached_tokens = f.start
+        return PendingPrefill(req, f.start, embeds, positions[:, :, f.start :], visual_mask, deepstack,
+                              next_position, seq)
+
+    def _prefill_chunk(self, decoding: int) -> list[tuple[Request, Delta]]:
+        """The admitted prompt's next encoder piece or prefill chunk; after its last chunk, store
+        its blocks in the prefix cache (other choices of the prompt hit at once) and sample its
+        first token."""
+        f = self._filling
+        req, f.decoding = f.req, decoding
+        try:
+            if not f.prepared():
+                return []
+            p = f.pending
+            c = p.take(chunk_size(self.max_num_batched_tokens, decoding, p.remaining))
+            logits = self.runner.prefill_tail(req.slot, c.start, c.embeds, c.positions, c.visual_mask, c.deepstack)
+        except Exception as e:
+            self._filling = None
+            return self._fail([req], e)
+        if p.remaining:
+            return []
+        self._filling = None
+        if p.keys is not None:
+            req.keys = p.keys
+            self.prefix.save(self.runner.cache, req.slot, p.keys.keys)
+        return [(req, self._first_token(req, logits, int(p.next_position[0]), req.prompt_len))]
 
     def _store(self, req: Request) -> None:
         """Keep a finished request's blocks (prompt + answer: the next turn of a chat starts with
@@ -267,18 +325,23 @@ class Engine:
         return self._state
 
     def _decode(self) -> list[tuple[Request, Delta]]:
-        running = sorted(self.scheduler.running, key=lambda r: r.slot)
+        running = self._decoders()
         slots = [r.slot for r in running]
-        # Per slot: last token, its MRoPE position, its cache index; free slots below the highest
-        # occupied one decode a dummy token (0, 0, 0).
+        # Per slot: last token, its MRoPE position, its cache index; other slots below the highest
+        # decoding one decode a dummy token: free ones at (0, 0, 0), one still being prefilled at
+        # the index its next chunk overwrites.
         rows = torch.tensor([[r.output_ids[-1] for r in running], [r.next_position for r in running],
                              [r.cache_len for r in running]])  # (3, B)
         dense = slots == list(range(len(slots)))
+        end = max(r.cache_len for r in running) + 1
         if not dense:
-            cols = torch.zeros(3, self.scheduler.decode_width(), dtype=torch.long)
+            cols = torch.zeros(3, slots[-1] + 1, dtype=torch.long)
             cols[:, slots] = rows
             rows = cols
-        end = max(r.cache_len for r in running) + 1
+            filling = self._filling
+            if filling is not None and filling.req.slot <= slots[-1]:
+                cols[2, filling.req.slot] = filling.pos
+                end = max(end, filling.pos + 1)
         logits = self.runner.decode(rows[0], rows[1], rows[2], end)  # (width, V), ours to overwrite
         if not dense:
             logits = logits[torch.tensor(slots, device=logits.device)]
@@ -321,4 +384,4 @@ class Engine:
             listener = self._listeners.pop(req.id, None)
             if listener is not None:
                 listener(delta)
-        self._rows, self._state = [], None
+        self._rows, self._state, self._filling = [], None, None

@@ -39,7 +39,7 @@ class LLM:
     def __init__(self, model: str | None = None, dtype="auto", device="cpu", max_num_seqs: int = 8,
                  max_model_len: int | None = None, progress: bool | None = None, quantization: str | None = None,
                  group_size: int = 64, media_limits: MediaLimits | None = None, prefix_cache_gb: float = 2.0,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512):
         path = demo_checkpoint() if model is None else resolve_model_path(model)
         self.path = path
         self.is_demo = is_demo(path)
@@ -47,7 +47,8 @@ class LLM:
                                              quantization=quantization, group_size=group_size)
         self.processor = Processor.from_pretrained(path, limits=media_limits)
         self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len,
-                             prefix_cache_gb=prefix_cache_gb, enable_prefix_caching=enable_prefix_caching)
+                             prefix_cache_gb=prefix_cache_gb, enable_prefix_caching=enable_prefix_caching,
+                             max_num_batched_tokens=max_num_batched_tokens)
         # A Thinking checkpoint: outputs start inside the reasoning; its own sampling defaults apply.
         self.thinking = opens_thinking(self.processor.chat_template)
 

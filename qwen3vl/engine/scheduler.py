@@ -1,9 +1,9 @@
 """Continuous-batching scheduler: which request gets which KV slot, and when.
 
 Requests wait in FIFO order; a free slot (lowest index first, so the decode batch 0..B-1 stays
-dense) admits one waiting request per step, whose prefill runs between two decode steps, so a
-new request never stalls the running ones for more than one prefill. The requests of a prefill
-group (``Request.group``: one padded batch) are admitted together, into consecutive slots.
+dense) admits one waiting request per step (the engine asks for the next one only once the
+previous one's chunked prefill is done). The requests of a prefill group (``Request.group``: one
+padded batch) are admitted together, into consecutive slots.
 """
 from __future__ import annotations
 
@@ -66,8 +66,3 @@ class Scheduler:
             self.waiting.remove(req)
         except ValueError:
             pass
-
-    def decode_width(self) -> int:
-        """Number of slots in the decode batch: up to the highest occupied slot."""
-        occupied = [i for i, r in enumerate(self.slots) if r is not None]
-        return occupied[-1] + 1 if occupied else 0

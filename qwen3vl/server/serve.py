@@ -60,7 +60,8 @@ def load(settings: ServeSettings) -> LLM:
     llm = LLM(settings.model, dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
               max_model_len=settings.max_model_len, quantization=settings.quantization,
               group_size=settings.group_size, media_limits=settings.media_limits(),
-              prefix_cache_gb=settings.prefix_cache_gb, enable_prefix_caching=settings.enable_prefix_caching)
+              prefix_cache_gb=settings.prefix_cache_gb, enable_prefix_caching=settings.enable_prefix_caching,
+              max_num_batched_tokens=settings.max_num_batched_tokens)
     budget = fit_video_budget(llm.processor.video_processor, llm.engine.max_model_len)
     if budget is not None:
         _log(f"[qwen3vl serve] a video is resized to at most {budget:,} pixels (t x h x w: a quarter of the context)")

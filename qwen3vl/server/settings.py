@@ -58,6 +58,7 @@ class ServeSettings:
     group_size: int = 64                     # int4 group size
     prefix_cache_gb: float = 2.0             # KV blocks kept for reuse across requests (later chat turns)
     enable_prefix_caching: bool = True       # False: every request prefills its whole prompt
+    max_num_batched_tokens: int = 512        # tokens per step while others decode (longer prompts: in chunks)
     # ---- media (the processor enforces these, see MediaLimits)
     max_images: int = 1                      # image parts per request (--limit-mm-per-prompt)
     max_videos: int = 1                      # video parts per request
@@ -82,6 +83,8 @@ class ServeSettings:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not self.prefix_cache_gb >= 0:
             raise ValueError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
+        if self.max_num_batched_tokens < 16:
+            raise ValueError(f"max_num_batched_tokens must be >= 16, got {self.max_num_batched_tokens}")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
             raise ValueError(f"allowed_local_media_path is not a folder: {self.allowed_local_media_path}")
         self._check_limits()
