@@ -323,9 +323,11 @@ def test_flags_to_settings_and_limits(tmp_path):
         "serve", "--limit-mm-per-prompt", '{"image": 8, "video": 2}', "--max-media-pixels", "1000000",
         "--max-media-frames", "16", "--max-media-bytes", "4", "--media-fetch-timeout", "5", "--allow-private-media",
         "--allowed-media-domains", "a.example,b.example", "--allowed-hosts", "x.example", "y.example",
-        "--allowed-origins", "http://app.example", "--max-body-mb", "8", "--media-workers", "2"])
+        "--allowed-origins", "http://app.example", "--max-body-mb", "8", "--media-workers", "2",
+        "--max-num-batched-tokens", "256"])
     s = cli.serve_settings(args)
     assert (s.max_images, s.max_videos, s.allowed_hosts) == (8, 2, ("x.example", "y.example"))
+    assert s.max_num_batched_tokens == 256
     assert s.host_allow_list() == {"x.example", "y.example"} and s.max_body_bytes == 8 * MB
     m = s.media_limits()
     assert (m.max_images, m.max_image_pixels, m.max_option_pixels, m.max_frames, m.max_download_bytes) == (
@@ -339,7 +341,8 @@ def test_flags_to_settings_and_limits(tmp_path):
         with pytest.raises(ValueError, match="limit-mm-per-prompt"):
             cli.serve_settings(cli.build_parser().parse_args(["serve", "--limit-mm-per-prompt", text]))
     for bad in (dict(max_body_mb=0), dict(media_workers=0), dict(max_media_pixels=0), dict(max_media_frames=0),
-                dict(media_fetch_timeout=-1), dict(allowed_hosts=("a b",)), dict(allowed_origins=("app.example",))):
+                dict(media_fetch_timeout=-1), dict(allowed_hosts=("a b",)), dict(allowed_origins=("app.example",)),
+                dict(max_num_batched_tokens=8)):
         with pytest.raises(ValueError):
             ServeSettings(**bad)
 
