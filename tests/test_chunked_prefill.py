@@ -15,7 +15,7 @@ import qwen3vl
 from conftest import fresh_home
 from processor_fixtures import write_video
 from qwen3vl.engine.engine import Engine
-from qwen3vl.engine.prefill import chunk_size
+from qwen3vl.engine.prefill import ALONE_CHUNK, chunk_size
 
 REL = 1e-5
 BUDGET = 32
@@ -139,6 +139,8 @@ def test_cancel_during_chunked_prefill(llm, prompts):
 
 def test_chunk_size():
     assert chunk_size(512, 0, 5000) == 5000  # nobody waits: one piece
+    assert chunk_size(512, 0, 40000) == ALONE_CHUNK  # but bounded activations
+    assert chunk_size(20000, 0, 40000) == 20000
     assert chunk_size(512, 3, 5000) == 509
     assert chunk_size(512, 3, 100) == 100
     assert chunk_size(16, 40, 5000) == 16  # always progresses

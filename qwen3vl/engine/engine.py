@@ -4,10 +4,10 @@
 prefilled in one pass), runs a chunk of the admitted prompt's prefill (chunked prefill: while
 other requests decode, a step prefills at most ``max_num_batched_tokens`` minus their number of
 positions, so a long prompt such as a video never freezes running streams for more than one
-chunk; alone, a prompt is prefilled in one piece), hands a finished prompt's first token to the
+chunk; alone, in pieces of up to 8,192 tokens), hands a finished prompt's first token to the
 listeners at once, then decodes one token for every request past its prefill in a single
-batched forward pass. The sampling state of the
-decode batch is rebuilt only when its membership changes. ``Qwen3VL.generate`` runs on a
+batched forward pass. The sampling state of the decode batch is rebuilt only when its
+membership changes. ``Qwen3VL.generate`` runs on a
 private engine too (``qwen3vl.engine.generate``): one loop and one stop implementation for both.
 
 The narrow API that ``LLM`` and the HTTP server use: ``new_request`` (raises ``PromptTooLong``),
