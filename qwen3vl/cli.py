@@ -18,9 +18,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: tiny random demo)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization of the text decoder, done while loading")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "fp8"],
+                   help="weight-only quantization of the text decoder, done while loading (fp8: keep an -FP8 "
+                        "checkpoint's weights, CUDA only; on the CPU an -FP8 checkpoint loads into --dtype or int8/int4)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
+    p.add_argument("--rope-scaling", default=None, metavar="JSON",
+                   help='text RoPE scaling over config.json\'s, e.g. \'{"rope_type": "yarn", "factor": 3.0, '
+                        '"original_max_position_embeddings": 262144}\' (YaRN; raise --max-model-len with it)')
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +146,7 @@ def cmd_chat(args) -> int:
               file=sys.stderr)
         return 2
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              quantization=args.quantization, group_size=args.group_size)
+              quantization=args.quantization, group_size=args.group_size, rope_scaling=args.rope_scaling)
     if llm.is_demo:
         print(f"[qwen3vl demo] {_demo_notice()}", file=sys.stderr)
     sampling = _sampling_kwargs(args)
@@ -176,14 +180,15 @@ def serve_settings(args):
         model=args.model, host=args.host, port=args.port, api_key=args.api_key,
         served_model_name=args.served_model_name, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         allowed_local_media_path=args.allowed_local_media_path, dtype=args.dtype, device=args.device,
-        quantization=args.quantization, group_size=args.group_size, **mm,
+        quantization=args.quantization, group_size=args.group_size, rope_scaling=args.rope_scaling, **mm,
         max_media_pixels=args.max_media_pixels, max_media_frames=args.max_media_frames,
         max_media_mb=args.max_media_bytes,
         media_fetch_timeout=args.media_fetch_timeout, allowed_media_domains=_names(args.allowed_media_domains),
         allow_private_media=args.allow_private_media, media_workers=args.media_workers,
         max_body_mb=args.max_body_mb, allowed_hosts=_names(args.allowed_hosts),
         allowed_origins=_names(args.allowed_origins), prefix_cache_gb=args.prefix_cache_gb,
-        enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens)
+        enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
 
 
 def cmd_serve(args) -> int:
@@ -228,6 +233,10 @@ def _add_serve_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, metavar="N",
                    help="prompt tokens one step prefills while other requests decode: a longer prompt (a video) "
                         "is prefilled in chunks between their tokens")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the text decoder over N ranks (processes on this host, or the ranks of torchrun)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE with --tensor-parallel-size: whole experts per rank instead of every expert split")
 
 
 def build_parser() -> argparse.ArgumentParser:

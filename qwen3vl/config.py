@@ -8,6 +8,7 @@ Two dialects of the same file exist and both are accepted:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -78,6 +79,51 @@ class VisionConfig:
         )
 
 
+ROPE_TYPES = ("default", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters of the text rotary embedding (``rope_scaling`` / ``rope_parameters`` with
+    ``rope_type: "yarn"``), with the pinned reference's defaults (transformers
+    ``_compute_yarn_parameters``): ``factor`` missing -> max_position_embeddings / original;
+    ``original_max_position_embeddings`` missing -> max_position_embeddings; beta_fast 32,
+    beta_slow 1, ``truncate`` true; ``attention_factor`` None -> derived from ``factor`` (and
+    ``mscale`` / ``mscale_all_dim`` when both are given), see ``qwen3vl.model.rope.yarn``."""
+
+    factor: float
+    original_max_position_embeddings: int
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    rope_type: str = "yarn"
+
+    @classmethod
+    def from_dict(cls, rope: dict, max_position_embeddings: int) -> "RopeScaling | None":
+        """``rope``: the text config's rope dict (or a ``--rope-scaling`` override) -> None for
+        plain RoPE, else the YaRN parameters. Unknown types and bad values: ConfigError."""
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported text rope_type {rope_type!r}; supported: {list(ROPE_TYPES)}")
+        if rope_type == "default":
+            return None
+        original = rope.get("original_max_position_embeddings") or max_position_embeddings
+        factor = rope.get("factor")
+        factor = max_position_embeddings / original if factor is None else factor
+        for name, value in (("factor", factor), ("original_max_position_embeddings", original)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"rope_scaling {name} must be a positive number, got {value!r}")
+        if factor < 1:
+            raise ConfigError(f"rope_scaling factor must be >= 1 for yarn, got {factor}")
+        opt = {k: float(rope[k]) for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None}
+        return cls(factor=float(factor), original_max_position_embeddings=int(original),
+                   beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                   truncate=bool(rope.get("truncate", True)), **opt)
+
+
 @dataclass(frozen=True)
 class TextConfig:
     vocab_size: int
@@ -101,6 +147,7 @@ class TextConfig:
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    rope_scaling: "RopeScaling | None" = None  # YaRN; None: plain RoPE ("default")
 
     def is_sparse_layer(self, i: int) -> bool:
         """Whether decoder layer ``i`` has a mixture-of-experts MLP (reference rule)."""
@@ -118,9 +165,8 @@ class TextConfig:
         theta = d.get("rope_theta", rope.get("rope_theta"))
         if theta is None:
             raise ConfigError("config.json: missing required field 'text_config.rope_theta'")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"config.json: unsupported text rope_type {rope_type!r} (only 'default')")
+        max_pos = d.get("max_position_embeddings", 262144)
+        scaling = RopeScaling.from_dict(rope, max_pos)
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json: unsupported text_config.hidden_act {d['hidden_act']!r} (only 'silu')")
         heads = _need(d, "num_attention_heads", w)
@@ -143,7 +189,8 @@ class TextConfig:
             rope_theta=float(theta),
             mrope_section=section,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=d.get("max_position_embeddings", 262144),
+            max_position_embeddings=max_pos,
+            rope_scaling=scaling,
             attention_bias=bool(d.get("attention_bias", False)),
             eos_token_id=_first_id(d.get("eos_token_id")),
             pad_token_id=_first_id(d.get("pad_token_id")),
@@ -156,6 +203,53 @@ class TextConfig:
         )
 
 
+FP8_FORMATS, FP8_BLOCK_SIZES, FP8_ACTIVATION_SCHEMES = ("e4m3",), ((128, 128),), ("dynamic",)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """``quantization_config`` of a pre-quantized checkpoint. Only the released ``-FP8`` scheme is
+    known: fine-grained e4m3 weights in 128x128 blocks with per-block ``weight_scale_inv``,
+    activations quantized on the fly; ``modules_to_not_convert`` lists modules left unquantized
+    (transformers' matching rules: see ``qwen3vl.fp8.excluded``)."""
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+    activation_scheme: str = "dynamic"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, q: dict) -> "QuantizationConfig":
+        if not isinstance(q, dict):
+            raise ConfigError(f"config.json: quantization_config must be an object, got {type(q).__name__}")
+        method = q.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(f"config.json: unsupported quantization_config.quant_method {method!r}; "
+                              "supported: ['fp8'] (fine-grained FP8, the -FP8 releases)")
+        fmt = q.get("fmt") or "e4m3"
+        if fmt not in FP8_FORMATS:
+            raise ConfigError(f"config.json: unsupported FP8 fmt {fmt!r}; supported: {list(FP8_FORMATS)}")
+        block = q.get("weight_block_size")
+        if not isinstance(block, (list, tuple)) or tuple(block) not in FP8_BLOCK_SIZES:
+            raise ConfigError(f"config.json: unsupported FP8 weight_block_size {block!r}; supported: "
+                              f"{[list(b) for b in FP8_BLOCK_SIZES]} (per-tensor scales are not supported)")
+        scheme = q.get("activation_scheme") or "dynamic"
+        if scheme not in FP8_ACTIVATION_SCHEMES:
+            raise ConfigError(f"config.json: unsupported FP8 activation_scheme {scheme!r}; "
+                              f"supported: {list(FP8_ACTIVATION_SCHEMES)}")
+        skip = q.get("modules_to_not_convert") or ()
+        if not isinstance(skip, (list, tuple)) or not all(isinstance(m, str) for m in skip):
+            raise ConfigError(f"config.json: quantization_config.modules_to_not_convert must be a list of "
+                              f"module names, got {skip!r}")
+        return cls(fmt=fmt, weight_block_size=tuple(block), activation_scheme=scheme,
+                   modules_to_not_convert=tuple(skip))
+
+
+def _quantization(q) -> QuantizationConfig | None:
+    return None if q is None else QuantizationConfig.from_dict(q)
+
+
 @dataclass(frozen=True)
 class Qwen3VLConfig:
     model_type: str
@@ -165,6 +259,7 @@ class Qwen3VLConfig:
     video_token_id: int
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
+    quantization: QuantizationConfig | None = None  # a pre-quantized (-FP8) checkpoint
 
     @property
     def is_moe(self) -> bool:
@@ -201,7 +296,25 @@ class Qwen3VLConfig:
             torch_dtype=dtype or "bfloat16",
             image_token_id=_need(d, "image_token_id", "<root>"),
             video_token_id=_need(d, "video_token_id", "<root>"),
+            quantization=_quantization(d.get("quantization_config", text_d.get("quantization_config"))),
         )
+
+    def with_rope_scaling(self, rope_scaling: dict | str | None) -> "Qwen3VLConfig":
+        """This config with the text rotary scaling replaced by ``rope_scaling`` (a dict or its
+        JSON, vLLM's ``--rope-scaling``: e.g. ``{"rope_type": "yarn", "factor": 3.0,
+        "original_max_position_embeddings": 262144}``); the interleaved MRoPE layout
+        (``mrope_section``) is kept. None: unchanged; ``{"rope_type": "default"}``: plain RoPE."""
+        if rope_scaling is None:
+            return self
+        if isinstance(rope_scaling, str):
+            try:
+                rope_scaling = json.loads(rope_scaling)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"rope_scaling: not valid JSON ({e})") from e
+        if not isinstance(rope_scaling, dict):
+            raise ConfigError(f"rope_scaling must be a JSON object, got {type(rope_scaling).__name__}")
+        scaling = RopeScaling.from_dict(rope_scaling, self.text.max_position_embeddings)
+        return dataclasses.replace(self, text=dataclasses.replace(self.text, rope_scaling=scaling))
 
     @classmethod
     def from_pretrained(cls, path_or_dict: str | os.PathLike | dict) -> "Qwen3VLConfig":

@@ -3,10 +3,12 @@
 Each function reads its variable when called, so a test or a launcher that sets one before the
 first use (or monkeypatches it) is honoured.
 
-    QWEN3VL_HOME          cache folder: demo checkpoint, compiled kernels (default ~/.cache/qwen3vl)
+    QWEN3VL_HOME          cache folder: demo checkpoint, compiled kernels, converted weights (default ~/.cache/qwen3vl)
     QWEN3VL_NO_EXT=1      never build or load the compiled CPU kernels (stock PyTorch ops instead)
     QWEN3VL_HUGE_PAGES=0  do not madvise transparent huge pages under CPU weights
     QWEN3VL_KEEP_HEAP=0   leave glibc's heap trimming as it is (see ``qwen3vl.allocator``)
+    QWEN3VL_NO_WEIGHT_CACHE=1  load without mapped weights or the converted-weight cache
+                          (``qwen3vl.model.weight_cache``)
     QWEN3VL_NO_PROGRESS   set: no progress bar while loading weights
     CXX                   the C++ compiler for the kernels (default ``c++``)
 """
@@ -29,6 +31,10 @@ def huge_pages() -> bool:
 
 def keep_heap() -> bool:
     return os.environ.get("QWEN3VL_KEEP_HEAP", "1") != "0"
+
+
+def no_weight_cache() -> bool:
+    return os.environ.get("QWEN3VL_NO_WEIGHT_CACHE", "0") not in ("0", "")
 
 
 def progress_disabled() -> bool:

@@ -24,6 +24,8 @@ Prefill (many rows) dequantizes each matrix to bf16 (one definition, ``kernels.r
 fp32 arithmetic, one rounding; compiled on CPU) and uses the GEMM, which is compute-bound anyway.
 Weights are quantized row by row as the checkpoint streams in, so the full-precision model never
 exists in memory.
+FP8 checkpoints (``qwen3vl.fp8``) arrive here as dequantized fp32 row tiles; ``"fp8"`` instead
+keeps their FP8 weights for CUDA block-scaled matmuls (``Fp8Linear``, unverified on a GPU).
 """
 from __future__ import annotations
 
@@ -33,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import fp8, kernels
 
 QUANT_MODES = ("int8", "int4")
+FP8_MODE = "fp8"  # CUDA only: keep an FP8 checkpoint's weights (Fp8Linear)
 DECODE_ROWS = 8  # up to this many activation rows use the packed matrix-vector kernels
 
 
@@ -79,16 +82,17 @@ class _Quantized(nn.Module):
         return [()] if not self.lead else [(e,) for e in range(self.lead[0])]
 
     @torch.no_grad()
-    def load_weight(self, rows: tuple[int, int] | None, w: torch.Tensor) -> None:
+    def load_weight(self, rows: tuple[int, int] | None, w: torch.Tensor, expert: int | None = None) -> None:
         """Quantize ``w`` (lead + (r, K), any strides) into rows ``rows`` (all rows when None), a
         slice of rows at a time so the fp32 temporaries stay small (the 2B lm_head in fp32 alone
-        would be 1.2 GB) and fast."""
+        would be 1.2 GB) and fast. ``expert``: ``w`` is (r, K) rows of that expert alone (FP8
+        releases store one tensor per expert, dequantized here a row tile at a time)."""
         a, b = rows or (0, self.out_features)
         step = max(1, 2**16 // self.in_features)  # fp32 temporaries of 256 KB: cache-resident, no page faults
         if self.lead:
             step *= 4  # experts are small matrices: fewer, larger slices load faster
-        for idx in self._matrices():
-            m = _contiguous(w[idx])  # one (transposed) expert matrix at most: a few MB
+        for idx in self._matrices() if expert is None else [(expert,)]:
+            m = _contiguous(w[idx] if expert is None else w)  # one (transposed) expert matrix at most: a few MB
             for i in range(0, b - a, step):
                 self._quantize_rows(idx, a + i, min(b, a + i + step), m[i : i + step])
 
@@ -241,6 +245,91 @@ def _dequant_buffer(lin: _Quantized) -> torch.Tensor | None:
     return buf[: n * k].view(n, k)
 
 
+class Fp8Linear(nn.Module):
+    """Linear layer (no bias) keeping an FP8 checkpoint's e4m3 weights (N, K) and 128x128 block
+    scales, for CUDA (``quantization="fp8"``; UNVERIFIED: no GPU was at hand when written). On
+    Hopper (sm90, CUDA >= 12.9) with K and N multiples of 128, activations are quantized per token
+    and 128 columns (the checkpoints' dynamic scheme) and multiplied by ``F.scaled_mm`` with
+    blockwise scales (1x128 x 128x128); otherwise the weight is dequantized (fp32 arithmetic) to
+    the activation dtype for each call. Fused q/k/v and gate/up parts must each have a multiple
+    of 128 rows (true of every release) so their scale grids stack."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128), device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        self.blockwise = True  # F.scaled_mm where _blockwise_fp8_ok; off after its first refusal
+        grid = fp8.scale_shape((out_features, in_features), self.block)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale_inv", torch.zeros(grid, dtype=torch.float32, device=device))
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def load_weight(self, rows, w: torch.Tensor, expert=None) -> None:
+        raise ValueError(f"quantization={FP8_MODE!r} keeps an FP8 checkpoint's weights; this weight "
+                         f"({w.dtype}) has no weight_scale_inv: load it with quantization=None, int8 or int4")
+
+    @torch.no_grad()
+    def load_fp8(self, rows: tuple[int, int] | None, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """FP8 rows ``rows`` (all when None) and their scale grid, as stored."""
+        a, b = rows or (0, self.out_features)
+        bn = self.block[0]
+        if a % bn or (b % bn and b != self.out_features):
+            raise ValueError(f"quantization={FP8_MODE!r}: fused rows {a}:{b} are not on {bn}-row tiles; "
+                             "load this checkpoint with quantization=None (dequantized)")
+        self.weight[a:b] = q.to(self.weight.device)
+        self.weight_scale_inv[a // bn : -(-b // bn)] = scale.to(self.weight_scale_inv.device, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, (n, k) = x.shape, (self.out_features, self.in_features)
+        x2 = x.reshape(-1, k)  # (M, K)
+        y = None
+        if self.blockwise and _blockwise_fp8_ok(x2, n, k):
+            try:
+                y = _blockwise_fp8_mm(x2, self.weight, self.weight_scale_inv)
+            except RuntimeError:  # a shape or build the blockwise GEMM refuses: dequantize from now on
+                self.blockwise = False
+        if y is None:
+            y = F.linear(x2, fp8.dequantize(self.weight, self.weight_scale_inv, self.block, x2.dtype))
+        return y.to(x.dtype).reshape(*shape[:-1], n)
+
+
+def quantize_activations(x2: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 activations: per row and ``group`` columns, scale = amax / 448 ->
+    (e4m3 (M, K), fp32 scales (M, K/group))."""
+    m, k = x2.shape
+    g = x2.float().view(m, k // group, group)
+    s = g.abs().amax(-1).clamp(min=1e-12) / 448
+    return (g / s[..., None]).to(torch.float8_e4m3fn).view(m, k), s
+
+
+def _blockwise_fp8_ok(x2: torch.Tensor, n: int, k: int) -> bool:
+    if x2.device.type != "cuda" or n % 128 or k % 128 or not hasattr(F, "scaled_mm"):
+        return False
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return torch.cuda.get_device_capability(x2.device)[0] == 9 and cuda >= (12, 9)
+
+
+def _blockwise_fp8_mm(x2: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ FP8 (N, K).T with 1x128 activation and 128x128 weight scales (torch's layouts:
+    activation scales M-major, weight scales (ceil4(K/128), N/128) as a transposed view)."""
+    xq, sa = quantize_activations(x2)
+    kb = ws.shape[1]
+    sb = torch.zeros(ws.shape[0], -(-kb // 4) * 4, dtype=torch.float32, device=ws.device)
+    sb[:, :kb] = ws
+    return F.scaled_mm(xq, w.t(), sa.t().contiguous().t(), F.ScalingType.BlockWise1x128, sb.t(),
+                       F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
+
+
+def check_device(mode: str | None, device) -> None:
+    """``quantization="fp8"`` is for CUDA only (its matmuls); refuse it up front elsewhere."""
+    if mode == FP8_MODE and torch.device(device).type != "cuda":
+        raise ValueError(f"quantization={FP8_MODE!r} keeps FP8 weights for CUDA block-scaled matmuls; on "
+                         f"{torch.device(device).type} load FP8 checkpoints with quantization=None (dequantized "
+                         "to dtype), 'int8' or 'int4'")
+
+
 def layer_mode(name: str, mode: str) -> str:
     """The format of linear layer ``name`` (a module path) when the model is quantized to
     ``mode``: attention projections and the lm_head stay int8 (see the module docstring)."""
@@ -249,7 +338,10 @@ def layer_mode(name: str, mode: str) -> str:
 
 def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
     """Swap the decoder's projections and the lm_head for QuantLinear (formats per
-    ``layer_mode``) and MoE expert stacks for QuantExperts, before loading."""
+    ``layer_mode``) and MoE expert stacks for QuantExperts, before loading; ``"fp8"``: the
+    FP8 checkpoint's decoder projections for Fp8Linear (``fp8_modules``)."""
+    if mode == FP8_MODE:
+        return fp8_modules(model)
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; use one of {QUANT_MODES}")
     if model.config.tie_word_embeddings:
@@ -267,6 +359,23 @@ def quantize_modules(model: nn.Module, mode: str, group_size: int = 64) -> None:
             e, n, k = getattr(moe, attr).shape
             delattr(moe, attr)  # a parameter; the module takes its name
             setattr(moe, attr, QuantExperts(e, k, n, mode, group_size, device="meta"))
+
+
+def fp8_modules(model: nn.Module) -> None:
+    """``quantization="fp8"``: the text decoder's attention and dense MLP projections become
+    Fp8Linear unless ``modules_to_not_convert`` excludes them (checked on the checkpoint's names,
+    q_proj / gate_proj for the fused ones). MoE experts stay in the model dtype (dequantized)."""
+    q = model.config.quantization
+    if q is None:
+        raise ValueError(f"quantization={FP8_MODE!r} needs an FP8 checkpoint (config.json quantization_config)")
+    fused = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                      and n.startswith("model.language_model.layers.") and not n.endswith("mlp.gate")]:
+        parent_name, _, attr = name.rpartition(".")
+        if fp8.excluded(f"{parent_name}.{fused.get(attr, attr)}", q.modules_to_not_convert):
+            continue
+        setattr(model.get_submodule(parent_name), attr,
+                Fp8Linear(lin.in_features, lin.out_features, q.weight_block_size, device="meta"))
 
 
 def finalize(model: nn.Module) -> None:

@@ -4,6 +4,8 @@ The name table maps every tensor name of the RELEASED checkpoint layout onto a p
 model, with an optional row slice (q/k/v and gate/up are fused here) and an optional transpose
 (MoE experts). The transformers >= 5 re-serialisation, which stores experts transposed, is
 accepted too: the expert shapes tell which layout a file has.
+MoE experts stored one tensor per expert (the FP8 releases) are accepted as well, and FP8 weights
+(a ``weight_scale_inv`` beside them) are dequantized tile by tile as they stream in (``qwen3vl.fp8``).
 
 Loading streams one tensor at a time, with plain reads (our own header parser; no memory map),
 into a model built on the meta device and materialised with ``to_empty``, so peak memory stays
@@ -11,13 +13,14 @@ about one copy of the weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from . import env
+from . import env, fp8
 from .config import Qwen3VLConfig
 
 
@@ -30,10 +33,13 @@ class Target:
     param: str                      # our parameter name
     rows: tuple[int, int] | None = None  # slice of dim 0 of the parameter (fused tensors)
     expert_layout: bool = False     # released (E, in, out) experts, stored (E, out, in) here
+    expert: int | None = None       # one expert's matrix of an (E, N, K) stack (FP8 releases)
 
 
-def name_table(cfg: Qwen3VLConfig) -> dict[str, Target]:
-    """Checkpoint tensor name -> where it goes in our model."""
+def name_table(cfg: Qwen3VLConfig, per_expert: bool = False) -> dict[str, Target]:
+    """Checkpoint tensor name -> where it goes in our model. ``per_expert``: MoE experts stored one
+    (N, K) tensor per expert and projection (``mlp.experts.{e}.gate_proj.weight``, as the FP8
+    releases do) instead of the bf16 releases' fused stacks."""
     table: dict[str, Target] = {}
     v, t = cfg.vision, cfg.text
 
@@ -67,6 +73,9 @@ def name_table(cfg: Qwen3VLConfig) -> dict[str, Target]:
             same(b + "self_attn.o_proj.bias")
         if t.is_sparse_layer(i):
             same(b + "mlp.gate.weight")
+            if per_expert:
+                table.update(_expert_names(b, t.num_experts, t.moe_intermediate_size))
+                continue
             table[b + "mlp.experts.gate_up_proj"] = Target(b + "mlp.gate_up_proj", expert_layout=True)
             table[b + "mlp.experts.down_proj"] = Target(b + "mlp.down_proj", expert_layout=True)
         else:
@@ -79,9 +88,20 @@ def name_table(cfg: Qwen3VLConfig) -> dict[str, Target]:
     return table
 
 
+def _expert_names(b: str, experts: int, inter: int) -> dict[str, Target]:
+    """Per-expert tensors of layer prefix ``b`` -> rows of expert e's (2I, H) / (H, I) matrices."""
+    out = {}
+    for e in range(experts):
+        p = f"{b}mlp.experts.{e}."
+        out[p + "gate_proj.weight"] = Target(b + "mlp.gate_up_proj", (0, inter), expert=e)
+        out[p + "up_proj.weight"] = Target(b + "mlp.gate_up_proj", (inter, 2 * inter), expert=e)
+        out[p + "down_proj.weight"] = Target(b + "mlp.down_proj", expert=e)
+    return out
+
+
 def _target_shape(tgt: Target, param_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape the checkpoint tensor must have (released layout)."""
-    shape = tuple(param_shape)
+    shape = tuple(param_shape) if tgt.expert is None else tuple(param_shape[1:])
     if tgt.rows is not None:
         shape = (tgt.rows[1] - tgt.rows[0],) + shape[1:]
     if tgt.expert_layout:
@@ -118,22 +138,25 @@ class _Destinations:
         """The parameter (slice) itself when file bytes can be read straight into it."""
         if self.loader(tgt.param) is not None:
             return None
-        dst = self.params[tgt.param]
-        if tgt.rows is not None:
-            dst = dst[tgt.rows[0] : tgt.rows[1]]  # a leading-dim slice stays contiguous
+        dst = self._slice(tgt)
         if dst.device.type != "cpu" or dst.dtype != dtype or tuple(dst.shape) != shape or not dst.is_contiguous():
             return None
+        return dst
+
+    def _slice(self, tgt: Target) -> torch.Tensor:
+        dst = self.params[tgt.param]
+        if tgt.expert is not None:
+            dst = dst[tgt.expert]
+        if tgt.rows is not None:
+            dst = dst[tgt.rows[0] : tgt.rows[1]]  # a leading-dim slice stays contiguous
         return dst
 
     def copy(self, tgt: Target, src: torch.Tensor) -> None:
         loader = self.loader(tgt.param)
         if loader is not None:
-            loader.load_weight(tgt.rows, src)
+            loader.load_weight(tgt.rows, src, expert=tgt.expert)
             return
-        dst = self.params[tgt.param]
-        if tgt.rows is not None:
-            dst = dst[tgt.rows[0] : tgt.rows[1]]
-        dst.copy_(src)
+        self._slice(tgt).copy_(src)
 
 
 def checkpoint_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -261,9 +284,8 @@ def _expert_needs_transpose(shape: tuple[int, ...], expected: tuple[int, ...]) -
     return None
 
 
-def _validate(cfg: Qwen3VLConfig, model, found) -> dict[str, bool]:
+def _validate(cfg: Qwen3VLConfig, model, found, table: dict[str, Target]) -> dict[str, bool]:
     """Check names and shapes; returns, for expert tensors, whether to transpose them."""
-    table = name_table(cfg)
     dest = _Destinations(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     missing = sorted(set(table) - set(found))
@@ -292,18 +314,46 @@ def _validate(cfg: Qwen3VLConfig, model, found) -> dict[str, bool]:
     return transpose
 
 
-def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = None) -> None:
+def _read_whole(entry: _Entry) -> torch.Tensor:
+    """One (small) tensor into a fresh buffer."""
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    with open(entry.file, "rb", buffering=0) as f:
+        _read_into(f, entry, out)
+    return out
+
+
+def _copy_fp8(dest: _Destinations, tgt: Target, q: torch.Tensor, scale: torch.Tensor,
+              block: tuple[int, int]) -> None:
+    """FP8 ``q`` (N, K) into ``tgt``, one dequantized fp32 row tile at a time (``qwen3vl.fp8``),
+    or kept FP8 by a module that takes it as stored (``load_fp8``: CUDA FP8 matmuls)."""
+    loader = dest.loader(tgt.param)
+    if hasattr(loader, "load_fp8"):
+        loader.load_fp8(tgt.rows, q, scale)
+        return
+    base = tgt.rows[0] if tgt.rows is not None else 0
+    for r0, r1, rows in fp8.row_tiles(q, scale, block):  # rows (<=128, K) fp32
+        dest.copy(dataclasses.replace(tgt, rows=(base + r0, base + r1)), rows)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = None,
+                    skip: frozenset[str] = frozenset()) -> None:
     """Stream a checkpoint folder's tensors into ``model`` (already materialised, any device).
 
     Tensors are read with plain file reads, in file order, straight into the parameter when it
     is a CPU tensor of the same dtype, else through a one-tensor buffer: no memory map, so the
-    process never holds file pages on top of the weights."""
+    process never holds file pages on top of the weights. ``skip``: checkpoint names already in
+    place (memory-mapped by ``qwen3vl.model.weight_cache``), validated but not read."""
     cfg = model.config
     files = checkpoint_files(path)
-    found = _scan(files)
-    transpose = _validate(cfg, model, found)
-    table = name_table(cfg)
+    everything = _scan(files)
+    fp8_scales = fp8.pair_scales(everything, cfg.quantization)  # FP8 weight -> its scale
+    found = {n: e for n, e in everything.items() if not n.endswith(fp8.SCALE_SUFFIX)}
+    table = name_table(cfg, per_expert=any(".mlp.experts.0." in n for n in found))
+    transpose = _validate(cfg, model, found, table)
     dest = _Destinations(model)
+    # Scales first (tiny): a weight may come before its scale, even from another shard.
+    scales = {w: _read_whole(everything[s]) for w, s in fp8_scales.items() if w not in skip}
+    block = (cfg.quantization.weight_block_size if cfg.quantization else (128, 128))
     total = sum(e.nbytes for name, e in found.items() if name in table)
     if progress is None:
         progress = total > 256 * 2**20 and not env.progress_disabled()
@@ -315,12 +365,17 @@ def load_checkpoint(model: torch.nn.Module, path: str, progress: bool | None = N
     scratch = _Scratch()
     with torch.no_grad():
         for fn in files:
-            entries = sorted((e.offset, name) for name, e in found.items() if e.file == fn and name in table)
+            entries = sorted((e.offset, name) for name, e in found.items()
+                             if e.file == fn and name in table and name not in skip)
             with open(fn, "rb", buffering=0) as f:
                 for _, name in entries:
                     entry, tgt = found[name], table[name]
                     direct = None if transpose.get(name) else dest.direct(tgt, entry.dtype, entry.shape)
-                    if direct is not None:
+                    if name in scales:  # FP8: dequantized tile by tile into the destination
+                        src = scratch.get(entry)
+                        _read_into(f, entry, src)
+                        _copy_fp8(dest, tgt, src, scales[name], block)
+                    elif direct is not None:
                         # Fresh pages first touched inside read() fault ~4x slower than when
                         # touched from user space, so touch them first.
                         _read_into(f, entry, direct.zero_())

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints in the released layout, and the reference model."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -28,6 +29,28 @@ def fresh_home(tmp_path_factory) -> str:
     os.makedirs(kernels, exist_ok=True)
     os.symlink(kernels, os.path.join(path, "torch_extensions"))
     return path
+
+
+@contextlib.contextmanager
+def home_env(path: str):
+    """QWEN3VL_HOME is ``path`` inside the block (for this process and those it starts)."""
+    old = os.environ.get("QWEN3VL_HOME")
+    os.environ["QWEN3VL_HOME"] = path
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("QWEN3VL_HOME", None)
+        else:
+            os.environ["QWEN3VL_HOME"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    """The whole session uses its own QWEN3VL_HOME: tests never write converted-weight caches or
+    demo checkpoints into the user's."""
+    with home_env(fresh_home(tmp_path_factory)) as path:
+        yield path
 
 
 def tiny_config(**text_overrides) -> dict:

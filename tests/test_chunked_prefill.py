@@ -4,15 +4,13 @@ logits equal those of running it alone in one piece (demo checkpoint: tiny fp32 
 the real tokenizer)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import qwen3vl
-from conftest import fresh_home
+from conftest import fresh_home, home_env
 from processor_fixtures import write_video
 from qwen3vl.engine.engine import Engine
 from qwen3vl.engine.prefill import ALONE_CHUNK, chunk_size
@@ -24,13 +22,8 @@ MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_vid
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    old = os.environ.get("QWEN3VL_HOME")
-    os.environ["QWEN3VL_HOME"] = fresh_home(tmp_path_factory)
-    yield qwen3vl.LLM(max_num_seqs=4)
-    if old is None:
-        os.environ.pop("QWEN3VL_HOME")
-    else:
-        os.environ["QWEN3VL_HOME"] = old
+    with home_env(fresh_home(tmp_path_factory)):
+        yield qwen3vl.LLM(max_num_seqs=4)
 
 
 @pytest.fixture(scope="module")

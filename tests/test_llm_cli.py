@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qwen3vl
-from conftest import fresh_home
+from conftest import fresh_home, home_env
 from qwen3vl.engine.api import EngineStats, PromptTooLong, SamplingParams
 from qwen3vl.engine.request import Request
 
@@ -18,14 +18,8 @@ IMAGE_MSG = None
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    path = fresh_home(tmp_path_factory)
-    old = os.environ.get("QWEN3VL_HOME")
-    os.environ["QWEN3VL_HOME"] = path
-    yield path
-    if old is None:
-        os.environ.pop("QWEN3VL_HOME")
-    else:
-        os.environ["QWEN3VL_HOME"] = old
+    with home_env(fresh_home(tmp_path_factory)) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

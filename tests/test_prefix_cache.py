@@ -3,15 +3,13 @@ run, while each chat turn prefills only what the cache does not hold (demo check
 random weights, the real tokenizer)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import qwen3vl
-from conftest import fresh_home
+from conftest import fresh_home, home_env
 from processor_fixtures import write_video
 from qwen3vl.engine.engine import Engine
 from qwen3vl.engine.kv_cache import KVCache
@@ -26,13 +24,8 @@ LONG = "Please describe everything you can see here, in as much detail as you ca
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    old = os.environ.get("QWEN3VL_HOME")
-    os.environ["QWEN3VL_HOME"] = fresh_home(tmp_path_factory)
-    yield qwen3vl.LLM(max_num_seqs=4)
-    if old is None:
-        os.environ.pop("QWEN3VL_HOME")
-    else:
-        os.environ["QWEN3VL_HOME"] = old
+    with home_env(fresh_home(tmp_path_factory)):
+        yield qwen3vl.LLM(max_num_seqs=4)
 
 
 @pytest.fixture(scope="module")

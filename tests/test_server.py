@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import fresh_home
+from conftest import fresh_home, home_env
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -87,17 +87,11 @@ def home(tmp_path_factory):
     """A fresh QWEN3VL_HOME holding the demo checkpoint (built here once, then shared). The compiled
     kernels are the test session's own (a link to its kernel cache): a fresh home would compile
     them again in each server process, minutes on a busy 2-core machine."""
-    path = fresh_home(tmp_path_factory)
-    old = os.environ.get("QWEN3VL_HOME")
-    os.environ["QWEN3VL_HOME"] = path
     from qwen3vl.demo import demo_checkpoint
 
-    demo_checkpoint()
-    yield path
-    if old is None:
-        os.environ.pop("QWEN3VL_HOME", None)
-    else:
-        os.environ["QWEN3VL_HOME"] = old
+    with home_env(fresh_home(tmp_path_factory)) as path:
+        demo_checkpoint()
+        yield path
 
 
 @pytest.fixture(scope="module")

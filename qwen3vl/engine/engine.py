@@ -53,17 +53,20 @@ class EngineStats:
 class Engine:
     def __init__(self, model, processor, max_num_seqs: int = 8, max_model_len: int | None = None,
                  cuda_graphs: bool | None = None, prefix_cache_gb: float = 2.0, enable_prefix_caching: bool = True,
-                 encoder_cache_gb: float = 0.5, prefix_block_size: int = 16, max_num_batched_tokens: int = 512):
+                 encoder_cache_gb: float = 0.5, prefix_block_size: int = 16, max_num_batched_tokens: int = 512,
+                 runner: Callable[[int, int], Runner] | None = None):
         """``processor`` None: requests carry token ids only (no text), media token ids from the
         model's config. ``prefix_cache_gb``: the KV blocks kept for reuse; ``encoder_cache_gb``:
         the vision features kept; ``enable_prefix_caching=False`` turns both caches off;
         ``max_num_batched_tokens``: the tokens one step runs while other requests decode (a longer
-        prompt is prefilled in chunks between their decode steps)."""
+        prompt is prefilled in chunks between their decode steps); ``runner(max_num_seqs,
+        max_model_len)``: builds the runner in place of the one-process ``Runner`` (tensor parallel)."""
         if max_num_batched_tokens < 16:
             raise ValueError(f"max_num_batched_tokens must be >= 16, got {max_num_batched_tokens}")
         self.model, self.processor = model, processor
         self.max_model_len = max_model_len or min(model.config.text.max_position_embeddings, 8192)
-        self.runner = Runner(model, max_num_seqs, self.max_model_len, cuda_graphs)
+        self.runner = (runner(max_num_seqs, self.max_model_len) if runner is not None
+                       else Runner(model, max_num_seqs, self.max_model_len, cuda_graphs))
         self.prefix = None
         if enable_prefix_caching:
             self.prefix = PrefixCache(model.config.text, int(prefix_cache_gb * 2**30), prefix_block_size,

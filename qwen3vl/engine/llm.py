@@ -10,7 +10,8 @@ Sampling settings default to the checkpoint's generation_config.json over the va
 recommended ones (Instruct / Thinking); ``max_tokens`` is accepted as an alias of
 ``max_new_tokens``. A Thinking checkpoint's results carry ``.reasoning`` apart from ``.text``;
 with ``tools=[...]``, tool calls the model makes come back parsed in ``.tool_calls``. Several conversations in one ``chat`` call run as one
-continuous batch.
+continuous batch. ``tensor_parallel_size=N`` shards the text decoder over N ranks
+(``qwen3vl.parallel``; ``enable_expert_parallel`` for MoE experts; ``shutdown()`` stops them).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 
 from ..demo import demo_checkpoint, is_demo
 from ..model.qwen3vl import resolve_model_path
+from ..parallel import RankArgs, TensorParallel, threads_per_rank, timeout_s
 from ..processor import MediaLimits, Processor
 from ..processor.chat import opens_thinking
 from ..processor.options import MEDIA_OPTIONS
@@ -39,18 +41,36 @@ class LLM:
     def __init__(self, model: str | None = None, dtype="auto", device="cpu", max_num_seqs: int = 8,
                  max_model_len: int | None = None, progress: bool | None = None, quantization: str | None = None,
                  group_size: int = 64, media_limits: MediaLimits | None = None, prefix_cache_gb: float = 2.0,
-                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512):
+                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
+                 rope_scaling: dict | str | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, on_rank_failure=None):
         path = demo_checkpoint() if model is None else resolve_model_path(model)
         self.path = path
         self.is_demo = is_demo(path)
-        self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress,
-                                             quantization=quantization, group_size=group_size)
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.parallel = None  # tensor_parallel_size > 1: the rank group (qwen3vl.parallel)
+        if tensor_parallel_size > 1:
+            self.parallel = _start_parallel(path, tensor_parallel_size, enable_expert_parallel, device, dtype,
+                                            quantization, group_size, rope_scaling, on_rank_failure)
+            self.model = self.parallel.model
+            enable_prefix_caching = False  # the prefix cache copies KV blocks of one rank's cache only
+        else:
+            self.model = Qwen3VL.from_pretrained(path, dtype=dtype, device=device, progress=progress,
+                                                 quantization=quantization, group_size=group_size,
+                                                 rope_scaling=rope_scaling)  # YaRN over config.json's
         self.processor = Processor.from_pretrained(path, limits=media_limits)
         self.engine = Engine(self.model, self.processor, max_num_seqs, max_model_len,
                              prefix_cache_gb=prefix_cache_gb, enable_prefix_caching=enable_prefix_caching,
-                             max_num_batched_tokens=max_num_batched_tokens)
+                             max_num_batched_tokens=max_num_batched_tokens,
+                             runner=None if self.parallel is None else self.parallel.runner)
         # A Thinking checkpoint: outputs start inside the reasoning; its own sampling defaults apply.
         self.thinking = opens_thinking(self.processor.chat_template)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (also done at interpreter exit); no-op in one process."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     # ------------------------------------------------------------------ inputs
     def sampling_params(self, sampling_params: SamplingParams | None = None, **kw) -> SamplingParams:
@@ -129,3 +149,24 @@ class LLM:
                 self.engine.cancel(req)
                 while req.result is None:
                     self.engine.step()
+
+
+class _ShardedQwen3VL(Qwen3VL):
+    """Rank 0's shard: its forward passes need every rank, which only the engine's runner drives."""
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError("generate() on a tensor-parallel model: use LLM.chat / LLM.stream_chat")
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("model(**batch) on a tensor-parallel model: use LLM.chat / LLM.stream_chat")
+
+
+def _start_parallel(path, size, expert_parallel, device, dtype, quantization, group_size, rope_scaling, on_failure):
+    """The tensor-parallel group of ``LLM(tensor_parallel_size=size)``: rank 0 here, the others
+    spawned on this host (or joined under torchrun)."""
+    if str(device) != "cpu":
+        raise ValueError(f"tensor_parallel_size > 1 runs on the CPU (gloo) only; got device={device!r}")
+    dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    args = RankArgs(path, dtype, quantization, group_size, rope_scaling, expert_parallel, threads_per_rank(size),
+                    timeout_s())
+    return TensorParallel(size, args, _ShardedQwen3VL, on_failure)

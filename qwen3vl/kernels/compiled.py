@@ -60,7 +60,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Up to 4 new tokens (one, or several with a mask) with D % 32 == 0 take the decode kernel,
     where SDPA's fixed cost per call is several times the work; the rest SDPA."""
     t = q.shape[2]
-    if t <= 4 and (t == 1 or mask is not None) and q.shape[-1] % 32 == 0:
+    if t <= 4 and (t == 1 or isinstance(mask, torch.Tensor)) and q.shape[-1] % 32 == 0:
         return decode_attention(q, k, v, mask)
     return reference.attention(q, k, v, mask)
 

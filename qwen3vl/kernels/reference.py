@@ -69,14 +69,33 @@ def vision_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tupl
 # ----------------------------------------------------------------------------- attention
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+# Query rows x keys of one masked SDPA call: SDPA turns a bool mask into a float one of that size
+# (and the math path keeps scores of that size), so masked attention runs in blocks of query rows
+# and its memory stays O(rows x context) instead of O(T x context): 2^24 = 64 MB of fp32 per block.
+ATTENTION_BLOCK = 1 << 24
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """q (B, H, T, D) over k/v (B, Hkv, L, D) (H a multiple of Hkv: grouped heads) -> (B, H, T, D).
-    mask (B, 1, T, L) bool, True = may attend; None = causal over the new tokens (T == L, or one
-    token attending to every key)."""
+    mask (B, 1, T, L) bool, True = may attend, or an object whose ``rows(start, stop)`` builds that
+    tensor's rows (``qwen3vl.model.cache_view.CausalMask``, for long prompts); None = causal over
+    the new tokens (T == L, or one token attending to every key: SDPA's causal kernel, O(T) memory).
+    With a mask, blocks of at most ``ATTENTION_BLOCK / L`` query rows per call; each query row's
+    result does not depend on the others, so blocks give the one-call values."""
     gqa = k.shape[1] != q.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    b, h, t, _ = q.shape
+    rows = max(1, ATTENTION_BLOCK // k.shape[2])
+    if t <= rows and isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    out = q.new_empty(b, t, h, v.shape[-1]).transpose(1, 2)  # (B, H, T, D), heads-inner like SDPA's
+    for start in range(0, t, rows):
+        stop = min(start + rows, t)
+        block = mask[:, :, start:stop] if isinstance(mask, torch.Tensor) else mask.rows(start, stop)
+        out[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k, v, attn_mask=block,
+                                                               enable_gqa=gqa)
+    return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -50,12 +50,35 @@ class Uncached:
         raise TypeError("a cache-less forward has no key/value stores")
 
 
-def causal_mask(valid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+# Masks of more elements than this are built block by block of query rows inside attention
+# (``CausalMask``): a 32K-token padded prompt would otherwise hold a 1 GB (T x L) bool mask.
+MASK_ELEMENTS = 1 << 24
+
+
+def causal_mask(valid: torch.Tensor, query: torch.Tensor):
     """The attention rule: a query at cache index q may see key k when the key holds a real token
     and k <= q; a padded query sees itself only, so no row is empty (an empty row gives NaN).
 
     valid: (B, L) bool, real tokens among the keys; query: (B or 1, T) long, the queries' cache
-    indices -> (B, 1, T, L) bool."""
+    indices -> (B, 1, T, L) bool, or past ``MASK_ELEMENTS`` a ``CausalMask`` that builds its rows
+    on demand (the attention op takes either)."""
+    if query.shape[-1] > 1 and query.shape[-1] * valid.shape[1] > MASK_ELEMENTS:  # decode: always a tensor
+        return CausalMask(valid, query)
     k = torch.arange(valid.shape[1], device=valid.device)  # (L,)
     q = query[..., None]  # (B|1, T, 1)
     return ((valid[:, None, :] & (k <= q)) | (k == q))[:, None]
+
+
+class CausalMask:
+    """``causal_mask``'s (B, 1, T, L) mask, never materialised whole: ``rows(start, stop)`` gives
+    query rows start..stop-1, (B, 1, stop - start, L) bool. ``valid`` must not change while the
+    forward call that uses it runs (the views write it before)."""
+
+    def __init__(self, valid: torch.Tensor, query: torch.Tensor):
+        self.valid, self.query = valid, query  # (B, L), (B|1, T)
+        self.shape = (valid.shape[0], 1, query.shape[-1], valid.shape[1])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        k = torch.arange(self.valid.shape[1], device=self.valid.device)  # (L,)
+        q = self.query[:, start:stop, None]  # (B|1, n, 1)
+        return ((self.valid[:, None, :] & (k <= q)) | (k == q))[:, None]

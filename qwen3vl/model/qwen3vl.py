@@ -7,8 +7,10 @@ Module names mirror the released checkpoint (``model.visual``, ``model.language_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,8 @@ from .positions import PlaceholderMismatch, mrope_positions
 from .rope import TextRope
 from .text import AttnContext, Linear, TextDecoder
 from .vision import VisionEncoder
+from .weight_cache import enabled as weight_cache_enabled
+from .weight_cache import load as load_mapped
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -72,6 +76,26 @@ def resolve_model_path(path: str) -> str:
         raise FileNotFoundError(f"no local folder {path!r}, and it could not be fetched from the hub: {e}") from e
 
 
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Parameter initialisers as no-ops while a model is built on the meta device: there they
+    compute nothing, but ``nn.Embedding``'s ``normal_`` on a meta tensor runs through
+    ``torch._refs``, whose first call imports ``torch._dynamo`` (~2 s of every start)."""
+    with _init_lock:
+        saved = {n: getattr(nn.init, n) for n in _INITS}
+        for n, f in saved.items():
+            setattr(nn.init, n, lambda t, *a, _f=f, **k: t if t.device.type == "meta" else _f(t, *a, **k))
+        try:
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(nn.init, n, f)
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T or logits_to_keep, vocab)
@@ -103,7 +127,8 @@ class Qwen3VLModel(nn.Module):
         self.model.visual = VisionEncoder(config.vision)
         self.model.language_model = TextDecoder(config.text)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        self.rope = TextRope(config.text.head_dim, config.text.rope_theta, config.text.mrope_section)
+        self.rope = TextRope(config.text.head_dim, config.text.rope_theta, config.text.mrope_section,
+                             config.text.rope_scaling)
         self.tie_weights()
 
     # ----------------------------------------------------------------- construction
@@ -126,7 +151,7 @@ class Qwen3VLModel(nn.Module):
         weights are random (normal, std 0.02), for demos and benchmarks."""
         config = path_or_dict if isinstance(path_or_dict, Qwen3VLConfig) else Qwen3VLConfig.from_pretrained(path_or_dict)
         dtype = resolve_dtype(dtype, config) if dtype is not None else torch.float32
-        with torch.device("meta"):
+        with torch.device("meta"), skip_init():
             model = cls(config).to(dtype)
         if str(device) != "meta":
             model.materialize(device)
@@ -163,28 +188,51 @@ class Qwen3VLModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype="auto", device="cpu", progress: bool | None = None,
-                        quantization: str | None = None, group_size: int = 64) -> "Qwen3VLModel":
+                        quantization: str | None = None, group_size: int = 64,
+                        weight_cache: bool | None = None, rope_scaling: dict | str | None = None) -> "Qwen3VLModel":
         """Load a checkpoint folder (or hub id). ``quantization``: None, "int8" or "int4"
-        (weight-only, done while loading; see ``qwen3vl.quant``)."""
+        (weight-only, done while loading; see ``qwen3vl.quant``). On the CPU the weights are
+        memory-mapped: in place from the checkpoint where its layout is the runtime one, the rest
+        converted once into ``$QWEN3VL_HOME/weights`` (``qwen3vl.model.weight_cache``);
+        ``weight_cache=False`` (or ``QWEN3VL_NO_WEIGHT_CACHE=1``) copies them into memory instead."""
+        quant.check_device(quantization, device)  # "fp8" (keep an FP8 checkpoint's weights): CUDA only
         path = resolve_model_path(os.fspath(path))
-        config = Qwen3VLConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = cls(config).to(resolve_dtype(dtype, config))
-        if quantization:
-            quant.quantize_modules(model, quantization, group_size)
-        model.materialize(device)
-        load_checkpoint(model, path, progress=progress)
-        if quantization:
-            if config.tie_word_embeddings:  # the quantized lm_head gets its own copy of the table
+        # rope_scaling: replaces config.json's text rotary scaling (YaRN, Qwen3VLConfig.with_rope_scaling)
+        config = Qwen3VLConfig.from_pretrained(path).with_rope_scaling(rope_scaling)
+        dtype = resolve_dtype(dtype, config)
+
+        def make_model() -> "Qwen3VLModel":
+            with torch.device("meta"), skip_init():
+                model = cls(config).to(dtype)
+            if quantization:
+                quant.quantize_modules(model, quantization, group_size)
+            return model
+
+        def after_load(model: "Qwen3VLModel") -> None:
+            if quantization in quant.QUANT_MODES and config.tie_word_embeddings:  # the quantized lm_head gets its own copy of the table
                 model.lm_head.load_weight(None, model.model.language_model.embed_tokens.weight)
-            quant.finalize(model)  # builds the compiled kernels: the decode path depends on them
-        model.quantization = quantization
-        model.select_kernels()
+
+        model = None
+        if weight_cache_enabled(weight_cache, device):
+            model = load_mapped(make_model, path, dtype, quantization, group_size, progress, after_load)
+        if model is None:
+            model = make_model().materialize(device)
+            load_checkpoint(model, path, progress=progress)
+            after_load(model)
+        return model.finish_loading(path, quantization)
+
+    def finish_loading(self, path: str, quantization: str | None) -> "Qwen3VLModel":
+        """After the weights are in: the quantized layers' kernels, the ops, the checkpoint's
+        generation config, eval mode."""
+        if quantization:
+            quant.finalize(self)  # builds the compiled kernels: the decode path depends on them
+        self.quantization = quantization
+        self.select_kernels()
         gen = os.path.join(path, "generation_config.json")
         if os.path.isfile(gen):
             with open(gen, encoding="utf-8") as f:
-                model.generation_config = json.load(f)
-        return model.eval()
+                self.generation_config = json.load(f)
+        return self.eval()
 
     @property
     def device(self) -> torch.device:

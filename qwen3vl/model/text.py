@@ -69,7 +69,9 @@ class AttnContext:
 
     cos, sin:  (B, T, D) rotary tables for the new tokens.
     view:      the KV cache view of this call (``qwen3vl.model.cache_view``): where keys and values
-               go, and the attention mask (None = plain causal over the new tokens only).
+               go, and the attention mask (None = plain causal over the new tokens only; for long
+               prompts a ``CausalMask`` built block by block of query rows inside the attention op,
+               so prefill memory is O(rows x context), never O(T x context)).
     """
 
     cos: torch.Tensor
@@ -77,7 +79,7 @@ class AttnContext:
     view: CacheView
 
     @property
-    def mask(self) -> torch.Tensor | None:  # (B, 1, T, L) bool, True = may attend
+    def mask(self):  # (B, 1, T, L) bool, True = may attend (a tensor, a CausalMask, or None)
         return self.view.mask
 
     def __post_init__(self):

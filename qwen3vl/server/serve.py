@@ -55,13 +55,21 @@ def _serve_http_in_thread(app, sock: socket.socket, stopping: threading.Event) -
     return server, thread
 
 
+def _stop_on_rank_failure(message: str) -> None:
+    """A tensor-parallel rank died: say so and stop the server (SIGTERM ends the engine loop)."""
+    _log(f"[qwen3vl serve] {message}; shutting down")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def load(settings: ServeSettings) -> LLM:
     _log(f"[qwen3vl serve] loading {settings.model or 'the tiny demo checkpoint'} ...")
     llm = LLM(settings.model, dtype=settings.dtype, device=settings.device, max_num_seqs=settings.max_num_seqs,
               max_model_len=settings.max_model_len, quantization=settings.quantization,
               group_size=settings.group_size, media_limits=settings.media_limits(),
               prefix_cache_gb=settings.prefix_cache_gb, enable_prefix_caching=settings.enable_prefix_caching,
-              max_num_batched_tokens=settings.max_num_batched_tokens)
+              max_num_batched_tokens=settings.max_num_batched_tokens, rope_scaling=settings.rope_scaling,
+              tensor_parallel_size=settings.tensor_parallel_size, enable_expert_parallel=settings.enable_expert_parallel,
+              on_rank_failure=_stop_on_rank_failure)
     budget = fit_video_budget(llm.processor.video_processor, llm.engine.max_model_len)
     if budget is not None:
         _log(f"[qwen3vl serve] a video is resized to at most {budget:,} pixels (t x h x w: a quarter of the context)")
@@ -97,5 +105,6 @@ def serve(settings: ServeSettings) -> int:
         stopping.set()
         server.should_exit = True
         thread.join(5)
+        llm.shutdown()  # tensor-parallel ranks, if any
     _log("[qwen3vl serve] stopped")
     return 0

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from ..config import ROPE_TYPES
 from ..processor import MediaLimits
 
 DEMO_MODEL_NAME = "qwen3vl-demo"
@@ -42,6 +43,22 @@ def parse_limit_mm_per_prompt(text: str) -> dict[str, int]:
     return out
 
 
+def check_rope_scaling(value: str | None) -> None:
+    """``--rope-scaling``: a JSON object whose rope_type we support (the rest is checked against the
+    checkpoint's config when the model loads)."""
+    if value is None:
+        return
+    try:
+        d = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--rope-scaling: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"--rope-scaling must be a JSON object, got {value!r}")
+    rope_type = d.get("rope_type", d.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"--rope-scaling: unsupported rope_type {rope_type!r}; supported: {list(ROPE_TYPES)}")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     model: str | None = None                 # checkpoint folder or hub id; None: the tiny demo checkpoint
@@ -54,11 +71,14 @@ class ServeSettings:
     allowed_local_media_path: str | None = None  # local media allowed under this folder only; None: no local files
     dtype: str = "auto"
     device: str = "cpu"
-    quantization: str | None = None          # "int8" | "int4": weight-only, done while loading
+    quantization: str | None = None          # "int8" | "int4" | "fp8" (CUDA): weight-only, done while loading
     group_size: int = 64                     # int4 group size
+    rope_scaling: str | None = None          # JSON over config.json's text rope scaling (YaRN), see check_rope_scaling
     prefix_cache_gb: float = 2.0             # KV blocks kept for reuse across requests (later chat turns)
     enable_prefix_caching: bool = True       # False: every request prefills its whole prompt
     max_num_batched_tokens: int = 512        # tokens per step while others decode (longer prompts: in chunks)
+    tensor_parallel_size: int = 1            # ranks sharing the text decoder (qwen3vl.parallel; CPU, gloo)
+    enable_expert_parallel: bool = False     # MoE: whole experts per rank instead of every expert split
     # ---- media (the processor enforces these, see MediaLimits)
     max_images: int = 1                      # image parts per request (--limit-mm-per-prompt)
     max_videos: int = 1                      # video parts per request
@@ -81,10 +101,13 @@ class ServeSettings:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        check_rope_scaling(self.rope_scaling)
         if not self.prefix_cache_gb >= 0:
             raise ValueError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
         if self.max_num_batched_tokens < 16:
             raise ValueError(f"max_num_batched_tokens must be >= 16, got {self.max_num_batched_tokens}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
             raise ValueError(f"allowed_local_media_path is not a folder: {self.allowed_local_media_path}")
         self._check_limits()
