@@ -10,6 +10,8 @@ first use (or monkeypatches it) is honoured.
     QWEN3VL_NO_WEIGHT_CACHE=1  load without mapped weights or the converted-weight cache
                           (``qwen3vl.model.weight_cache``)
     QWEN3VL_NO_PROGRESS   set: no progress bar while loading weights
+    QWEN3VL_TP_THREADS    compute threads per tensor-parallel rank (default: cores / local ranks)
+    QWEN3VL_TP_TIMEOUT    seconds a tensor-parallel collective may wait (default 600)
     CXX                   the C++ compiler for the kernels (default ``c++``)
 """
 from __future__ import annotations
@@ -39,6 +41,15 @@ def no_weight_cache() -> bool:
 
 def progress_disabled() -> bool:
     return os.environ.get("QWEN3VL_NO_PROGRESS") is not None
+
+
+def tp_threads() -> int | None:
+    value = os.environ.get("QWEN3VL_TP_THREADS")
+    return int(value) if value else None
+
+
+def tp_timeout() -> float:
+    return float(os.environ.get("QWEN3VL_TP_TIMEOUT") or 600)
 
 
 def cxx() -> str:

@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..model.qwen3vl import Qwen3VLModel
 from .comm import Channel
 from .load import load_shard
@@ -55,12 +56,12 @@ def threads_per_rank(world: int) -> int:
     """Compute threads per rank: ``QWEN3VL_TP_THREADS``, else this host's cores / its ranks
     (torchrun's ``LOCAL_WORLD_SIZE`` when launched by it, else N)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or world) if under_torchrun() else world
-    return int(os.environ.get("QWEN3VL_TP_THREADS") or max(1, (os.cpu_count() or 1) // local))
+    return env.tp_threads() or max(1, (os.cpu_count() or 1) // local)
 
 
 def timeout_s() -> float:
     """Seconds a collective may wait (``QWEN3VL_TP_TIMEOUT``, default 600)."""
-    return float(os.environ.get("QWEN3VL_TP_TIMEOUT") or 600)
+    return env.tp_timeout()
 
 
 def under_torchrun() -> bool:

@@ -47,13 +47,20 @@ class BoundedPool:
     def _work(self) -> None:
         while True:
             fn, args, future = self._jobs.get()
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args))
-                    except BaseException as e:  # handed to the awaiting handler, which maps or logs it
-                        future.set_exception(e)
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                del fn, args, future  # an idle worker must not keep a request's body or result alive
+            result = error = None
+            running = future.set_running_or_notify_cancel()
+            if running:
+                try:
+                    result = fn(*args)
+                except BaseException as e:  # handed to the awaiting handler, which maps or logs it
+                    error = e
+            # The slot frees before the result is handed over: whoever awaits it sees the pool as
+            # it is after this job.
+            with self._lock:
+                self._pending -= 1
+            if running:
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            del fn, args, future, result, error  # an idle worker must not keep a request's body or result alive
