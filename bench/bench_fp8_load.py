@@ -6,7 +6,7 @@ e4m3 weights, bf16 ``weight_scale_inv``; the text decoder's projections, as the 
 embeddings, routers and vision tower left in bf16), two shards with every scale in the other shard
 than its weight. Then, per format (bf16, int8, int4) and source (bf16, FP8), a fresh process loads it
 with the weight cache off (plain streaming: what this measures is the loader's own peak) and reports
-``from_pretrained`` time, peak RSS (``getrusage``) and the bytes of the loaded model: peak RSS minus
+``from_pretrained`` time, peak RSS (``VmHWM``) and the bytes of the loaded model: peak RSS minus
 model bytes is the loader's transient overhead (Python + torch + one tensor + one fp32 tile), which
 should not grow with FP8. Dense architectures only. Prints a table, then ONE JSON line. Run alone:
     python bench/bench_fp8_load.py [--arch 2B|tiny] [--formats bf16 int8 int4]
@@ -80,6 +80,16 @@ def fp8_twin(src: str) -> str:
     return dst
 
 
+def _vm_hwm_mib() -> float:
+    """This process's peak RSS in MiB. Not ``getrusage``: Linux keeps ru_maxrss across execve, so a
+    child started by a parent that once held more would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # elsewhere: the best there is
+
+
 def child(path: str, fmt: str) -> dict:
     import torch
 
@@ -93,7 +103,7 @@ def child(path: str, fmt: str) -> dict:
                  [*model.parameters(), *model.buffers()]}.values())
     with torch.inference_mode():
         model(input_ids=torch.tensor([list(range(1000, 1016))]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB (Linux: KiB)
+    peak = _vm_hwm_mib()
     return {"load_s": round(load_s, 2), "peak_rss_mib": round(peak), "model_mib": round(nbytes / 2**20),
             "overhead_mib": round(peak - nbytes / 2**20)}
 
