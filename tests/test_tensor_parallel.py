@@ -60,7 +60,9 @@ def _checkpoint(home: str, name: str, config: dict) -> str:
 def ckpts(home):
     tied = {**TINY_CONFIG, "tie_word_embeddings": True}  # dense: tied lm_head (the 2B's layout)
     tied["text_config"] = {**TINY_CONFIG["text_config"], "tie_word_embeddings": True}
-    return {"dense": _checkpoint(home, "dense", tied), "moe": _checkpoint(home, "moe", TINY_MOE_CONFIG)}
+    moe64 = {**TINY_MOE_CONFIG, "text_config": {**TINY_MOE_CONFIG["text_config"], "moe_intermediate_size": 64}}
+    return {"dense": _checkpoint(home, "dense", tied), "moe": _checkpoint(home, "moe", TINY_MOE_CONFIG),
+            "moe64": _checkpoint(home, "moe64", moe64)}
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,12 @@ def test_fp32_parity(ckpts, conversations, kind, size, ep):
 
 
 @pytest.mark.parametrize("kind,quant,ep", [("dense", None, False), ("dense", "int8", False), ("dense", "int4", False),
-                                           ("moe", None, True), ("moe", "int8", False), ("moe", "int8", True)])
+                                           ("moe", None, True), ("moe", "int8", False), ("moe", "int8", True),
+                                           ("moe64", "int4", False), ("moe64", "int4", True)])
 def test_low_precision_greedy(ckpts, conversations, kind, quant, ep):
     """bf16 / int8 / int4: greedy tokens as one process's, up to the first near-tie. (The tiny MoE
-    has no int4 form at all: its 48-wide expert inputs take no int4 group size.)"""
+    has no int4 form: its 48-wide expert inputs take no int4 group size; "moe64" has 64-wide
+    experts, 32 columns per rank when split.)"""
     kw = dict(dtype="bfloat16", quantization=quant, group_size=32, max_num_seqs=4)
     single = qwen3vl.LLM(ckpts[kind], **kw)
     want = _run(single, conversations, 8)
