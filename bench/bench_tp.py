@@ -1,7 +1,7 @@
 """Tensor-parallel decode on one host: TP 1 with T threads vs TP N with T/N threads per rank.
 
 The checkpoint is random, in the released layout, bf16, with the real text decoder of the chosen
-shape (``--shape 2B``: /work/shared/fixtures/qwen3vl-configs' Qwen3-VL-2B-Instruct config, or
+shape (``--shape 2B``: the released config in qwen3vl/assets/configs, or
 ``--config PATH``) and a vision tower shrunk to depth 2 (text prompts never run it); ``--layers``
 shortens the decoder. Written once to $QWEN3VL_HOME/bench-tp-<shape>-L<layers> and reused.
 ``--shape tiny`` is the demo's tiny architecture (smoke runs).
@@ -35,18 +35,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import qwen3vl  # noqa: E402
 from qwen3vl import env  # noqa: E402
+from qwen3vl.bench import ARCH_CONFIGS  # noqa: E402
 from qwen3vl.demo import demo_checkpoint  # noqa: E402
 from qwen3vl.parallel import comm  # noqa: E402
 from qwen3vl.random_checkpoint import TINY_CONFIG, write_random_checkpoint  # noqa: E402
-
-CONFIGS = "/work/shared/fixtures/qwen3vl-configs"
-
 
 def checkpoint(shape: str, config: str | None, layers: int | None) -> str:
     if shape == "tiny" and config is None:
         cfg = copy.deepcopy(TINY_CONFIG)
     else:
-        with open(config or os.path.join(CONFIGS, f"Qwen3-VL-{shape}-Instruct", "config.json")) as f:
+        with open(config or os.path.join(ARCH_CONFIGS, f"Qwen3-VL-{shape}-Instruct", "config.json")) as f:
             cfg = json.load(f)
         cfg["vision_config"].update(depth=2, deepstack_visual_indexes=[0, 1])
     if layers:

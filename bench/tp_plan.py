@@ -18,7 +18,7 @@ memory bandwidth (one modern server socket), hosts joined by 100 Gb/s Ethernet (
 50 us per gloo/TCP hop); H100 SXM 2.6 TB/s effective HBM (80 % of 3.35), H200 3.8 TB/s (80 % of
 4.8), NVLink 4 450 GB/s per direction. Batch 1, no overlap of communication and compute.
 
-Usage: python bench/tp_plan.py [--configs /work/shared/fixtures/qwen3vl-configs] -> a table and ONE JSON line.
+Usage: python bench/tp_plan.py [--configs DIR] (default: qwen3vl/assets/configs) -> a table and ONE JSON line.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qwen3vl import quant  # noqa: E402
+from qwen3vl.bench import ARCH_CONFIGS  # noqa: E402
 from qwen3vl.config import Qwen3VLConfig  # noqa: E402
 from qwen3vl.model.qwen3vl import Qwen3VLModel  # noqa: E402
 from qwen3vl.parallel.load import shard_model  # noqa: E402
@@ -88,7 +89,7 @@ def step_seconds(cfg: Qwen3VLConfig, world: int, read: float, hw: tuple) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="/work/shared/fixtures/qwen3vl-configs")
+    ap.add_argument("--configs", default=ARCH_CONFIGS)
     args = ap.parse_args()
     rows = []
     for name in MODELS:
