@@ -30,6 +30,7 @@ from PIL import Image
 import qwen3vl
 from conftest import fresh_home, home_env
 from processor_fixtures import write_video
+from qwen3vl.engine.llm import ShardedModelError
 from qwen3vl.parallel import RankFailure, ShardPlan
 from qwen3vl.parallel.shard import sharded_linear
 from qwen3vl.quant import QuantLinear
@@ -119,6 +120,8 @@ def test_fp32_parity(ckpts, conversations, kind, size, ep):
     tp = qwen3vl.LLM(ckpts[kind], dtype="float32", max_num_seqs=4, tensor_parallel_size=size, enable_expert_parallel=ep)
     try:
         got = _run(tp, conversations, 8)
+        with pytest.raises(ShardedModelError, match="use LLM.chat"):  # rank 0's shard cannot run alone
+            tp.model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=1)
     finally:
         tp.shutdown()
     _compare(want, got, exact=True)

@@ -151,14 +151,20 @@ class LLM:
                     self.engine.step()
 
 
+class ShardedModelError(RuntimeError):
+    """A direct call on rank 0's shard of a tensor-parallel model: its forward passes need every
+    rank, and only the engine's runner drives them all."""
+
+
 class _ShardedQwen3VL(Qwen3VL):
-    """Rank 0's shard: its forward passes need every rank, which only the engine's runner drives."""
+    """Rank 0's shard: ``generate`` and ``forward`` are refused (``ShardedModelError``); use
+    ``LLM.chat`` / ``LLM.stream_chat``, which go through the engine."""
 
     def generate(self, *args, **kwargs):
-        raise NotImplementedError("generate() on a tensor-parallel model: use LLM.chat / LLM.stream_chat")
+        raise ShardedModelError("generate() on a tensor-parallel model: use LLM.chat / LLM.stream_chat")
 
     def forward(self, *args, **kwargs):
-        raise NotImplementedError("model(**batch) on a tensor-parallel model: use LLM.chat / LLM.stream_chat")
+        raise ShardedModelError("model(**batch) on a tensor-parallel model: use LLM.chat / LLM.stream_chat")
 
 
 def _start_parallel(path, size, expert_parallel, device, dtype, quantization, group_size, rope_scaling, on_failure):
