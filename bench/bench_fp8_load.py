@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -80,20 +79,11 @@ def fp8_twin(src: str) -> str:
     return dst
 
 
-def _vm_hwm_mib() -> float:
-    """This process's peak RSS in MiB. Not ``getrusage``: Linux keeps ru_maxrss across execve, so a
-    child started by a parent that once held more would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # elsewhere: the best there is
-
-
 def child(path: str, fmt: str) -> dict:
     import torch
 
     from qwen3vl import Qwen3VL
+    from qwen3vl.bench import peak_rss_gb
 
     dtype, quantization = FORMATS[fmt]
     t0 = time.perf_counter()
@@ -103,7 +93,7 @@ def child(path: str, fmt: str) -> dict:
                  [*model.parameters(), *model.buffers()]}.values())
     with torch.inference_mode():
         model(input_ids=torch.tensor([list(range(1000, 1016))]))
-    peak = _vm_hwm_mib()
+    peak = peak_rss_gb() * 2**10
     return {"load_s": round(load_s, 2), "peak_rss_mib": round(peak), "model_mib": round(nbytes / 2**20),
             "overhead_mib": round(peak - nbytes / 2**20)}
 

@@ -4,7 +4,7 @@ Per format (bf16, int8, int4; fp32 with ``--formats``), each run a new Python pr
 page cache warm: "copy" (the weight cache off: weights read into anonymous memory, the
 pre-cache loader), "first" (an empty cache: maps the checkpoint, converts and writes the rest
 once) and "later" (maps the cache). Each child reports its import time, ``from_pretrained`` time,
-the time of the logits of a 16-token prompt and its peak RSS (``getrusage``); the parent adds
+the time of the logits of a 16-token prompt and its peak RSS (``VmHWM``); the parent adds
 the process's wall time (interpreter start to exit). The reference (transformers
 ``from_pretrained``, bf16, same checkpoint) runs the same way, and a one-shot
 ``qwen3vl chat --image ... --max-new-tokens 8`` end to end (later start). 2B architecture, random
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -58,8 +57,10 @@ def child(impl: str, path: str, fmt: str, weight_cache: bool, decode: int = 0) -
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([PROMPT])).logits  # (1, 16, V)
     t3 = time.perf_counter()
+    from qwen3vl.bench import peak_rss_gb
+
     res = {"import_s": t1 - t0, "load_s": t2 - t1, "logits_s": t3 - t2, "to_logits_s": t3 - t1,
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "peak_rss_gb": peak_rss_gb(),
            "argmax": int(logits[0, -1].float().argmax())}
     if impl == "ours" and decode:  # mapped (4 KiB pages) vs copied (huge pages) weights: decode speed
         ids = torch.tensor([PROMPT])

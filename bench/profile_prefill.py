@@ -7,7 +7,7 @@ products it reports the GFLOP/s they reach (their FLOPs from the model's shapes,
 bench`` counts them) vs a square GEMM of the same dtype: the gap between "prefill % of peak"
 and 100 % splits into (1) time outside matrix products and (2) matrix products below peak
 (small or skinny shapes). Prints a table, then ONE JSON line. Run alone. Usage:
-    python bench/profile_prefill.py [--arch 2B] [--dtype bfloat16] [--quantization int8]
+    python bench/profile_prefill.py [--arch 2B] [--dtype bfloat16] [--quantization int8] [--no-weight-cache]
 """
 from __future__ import annotations
 
@@ -64,11 +64,13 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", default=None)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--no-weight-cache", action="store_true",
+                   help="weights copied into memory (bf16: fused q/k/v and gate/up) instead of mapped (split)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path = checkpoint(args.arch, args.dtype)
     model = Qwen3VL.from_pretrained(path, dtype=getattr(torch, args.dtype), progress=False,
-                                    quantization=args.quantization)
+                                    quantization=args.quantization, weight_cache=not args.no_weight_cache)
     cfg = arch_config_from(path)
     img = _inputs(cfg, 1, 64, image=True)
     kw = dict(_call_kwargs("ours", img, cfg), logits_to_keep=1)
@@ -88,6 +90,7 @@ def main() -> None:
     print(f"matrix products alone: {flops / mm_s / 1e9:.0f} GFLOP/s = {100 * flops / mm_s / peak:.1f} % of peak "
           f"(the FLOPs of attention counted with them: a slight overestimate)")
     print(json.dumps({"bench": "profile_prefill", "arch": args.arch, "format": fmt, "threads": args.threads,
+                      "weights": "copied" if args.no_weight_cache else "mapped",
                       "wall_s": wall, "gflops": flops / wall / 1e9, "peak_gflops": peak / 1e9,
                       "pct_of_peak": 100 * flops / wall / peak,
                       "seconds_by_group": {g: s * scale for g, s in by_group.items()},

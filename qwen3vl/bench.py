@@ -42,6 +42,19 @@ ARCH_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"
 IMAGE_GRID = (1, 28, 28)  # a 448x448 image: 28x28 patches of 16 px, 196 tokens after merging
 
 
+def peak_rss_gb() -> float:
+    """This process's peak RSS in GiB (``VmHWM``). Not ``getrusage``: Linux keeps ru_maxrss across
+    execve, so a child started by a parent that once held more would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # elsewhere: the best there is
+
+
 def arch_config(arch: str) -> dict:
     if arch == "tiny":
         return TINY_CONFIG
@@ -205,7 +218,7 @@ def worker(impl: str, path: str, dtype: str, threads: int, new_tokens: int, cont
         # Best of a few runs, like the other timings: a few dozen steps of a small model are
         # short enough for a single run to catch a scheduler hiccup.
         res[f"decode_b{b}_tok_s"] = max(_decode_rate(impl, model, ctx, n + 1, cfg) for _ in range(3 if b == 1 else 2))
-    res["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res["peak_rss_GB"] = peak_rss_gb()
     return res
 
 

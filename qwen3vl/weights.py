@@ -314,6 +314,13 @@ def _validate(cfg: Qwen3VLConfig, model, found, table: dict[str, Target]) -> dic
     return transpose
 
 
+def validate(model, found: dict[str, _Entry]) -> None:
+    """Raise WeightsError listing the missing, unexpected and wrong-shape tensors of checkpoint
+    entries ``found`` (no FP8 scales) for ``model`` (any device, meta included)."""
+    table = name_table(model.config, per_expert=any(".mlp.experts.0." in n for n in found))
+    _validate(model.config, model, found, table)
+
+
 def _read_whole(entry: _Entry) -> torch.Tensor:
     """One (small) tensor into a fresh buffer."""
     out = torch.empty(entry.shape, dtype=entry.dtype)

@@ -77,3 +77,27 @@ def load_reference(path: str, dtype=torch.float32):
     transformers = pytest.importorskip("transformers")
     model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
     return model.eval()
+
+
+def fused_param(model, name: str, grad: bool = False) -> torch.Tensor:
+    """Parameter ``name`` (or its gradient) as the fused layout names it (``...qkv_proj.weight``),
+    also when the load split that projection into the checkpoint's parts (``SplitLinear``,
+    ``...qkv_proj.parts.<i>``): the parts concatenated."""
+    params = dict(model.named_parameters())
+    parts = [params[name]] if name in params else []
+    prefix = name.rsplit(".", 1)[0] + ".parts."
+    while not parts or f"{prefix}{len(parts)}" in params:
+        parts.append(params[f"{prefix}{len(parts)}"])
+    tensors = [p.grad if grad else p.detach() for p in parts]
+    if any(t is None for t in tensors):
+        return None
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def fused_state(model) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with split projections' parts concatenated under ``<projection>.weight``."""
+    out: dict[str, list] = {}
+    for name, t in model.state_dict().items():
+        head, _, tail = name.rpartition(".parts.")
+        out.setdefault(f"{head}.weight" if head and tail.isdigit() else name, []).append(t)
+    return {n: ts[0] if len(ts) == 1 else torch.cat(ts) for n, ts in out.items()}

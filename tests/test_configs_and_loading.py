@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qwen3vl
+from conftest import fused_param
 from qwen3vl.config import ConfigError, Qwen3VLConfig
 from qwen3vl.random_checkpoint import TINY_CONFIG, random_tensors, write_checkpoint
 from qwen3vl.weights import WeightsError, checkpoint_shapes, name_table
@@ -142,9 +143,8 @@ def test_loaded_weights_equal_file_tensors(tmp_path, tiny_tensors):
     ref = load_file(os.path.join(path, "model.safetensors"))
     for dtype in (torch.float32, torch.bfloat16):
         model = qwen3vl.Qwen3VL.from_pretrained(path, dtype=dtype)
-        params = dict(model.named_parameters())
         for name, tgt in name_table(model.config).items():
-            p = params[tgt.param]
+            p = fused_param(model, tgt.param)
             if tgt.rows is not None:
                 p = p[tgt.rows[0] : tgt.rows[1]]
             assert torch.equal(p, ref[name].to(dtype)), name

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwen3vl
-from conftest import load_reference
+from conftest import fused_param, load_reference
 from model_inputs import Builder, batch, mm_token_type_ids
 from qwen3vl.weights import name_table
 
@@ -29,7 +29,7 @@ def _ref_grads(ref, names) -> dict[str, torch.Tensor]:
 
 
 def _our_grad(model, tgt) -> torch.Tensor:
-    g = dict(model.named_parameters())[tgt.param].grad
+    g = fused_param(model, tgt.param, grad=True)
     return g if tgt.rows is None else g[tgt.rows[0]:tgt.rows[1]]
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import qwen3vl
-from conftest import fresh_home, tiny_config
+from conftest import fresh_home, fused_state, tiny_config
 from model_inputs import Builder, batch
 from qwen3vl.model import weight_cache, weight_cache_cli
+from qwen3vl.model.split_linear import SplitLinear
 from qwen3vl.random_checkpoint import write_random_checkpoint
 
 FORMATS = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")]
@@ -50,40 +51,74 @@ def _files(home: str) -> list[str]:
     return sorted(glob.glob(os.path.join(home, "weights", "*.qwc")))
 
 
+# Runtime dtype == the checkpoint's, no quantization: every tensor used where it lies (q/k/v and
+# gate/up split into the checkpoint's parts), no cache file.
+WHOLE = {("tiny_ckpt", "float32"), ("ckpt_bf16", "bfloat16")}
+
+
 @pytest.mark.parametrize("dtype,quantization", FORMATS)
 @pytest.mark.parametrize("fixture", ["tiny_ckpt", "ckpt_bf16"])
 def test_cached_load_is_bit_identical(request, home, fixture, dtype, quantization, capfd):
     path = request.getfixturevalue(fixture)
+    whole = (fixture, dtype) in WHOLE and quantization is None
     inputs = _inputs()
     plain = _load(path, dtype, quantization, weight_cache=False)
     expected = plain(**inputs).logits
-    first = _load(path, dtype, quantization)  # builds the cache
-    assert "one time" in capfd.readouterr().err  # the first start states its conversion cost
+    first = _load(path, dtype, quantization)  # builds the cache, unless mapped whole
+    assert ("one time" in capfd.readouterr().err) != whole  # a first start states its conversion cost
     files = _files(home)
-    assert len(files) == 1
+    assert len(files) == (0 if whole else 1)
     later = _load(path, dtype, quantization)  # maps it
     assert "one time" not in capfd.readouterr().err
     assert _files(home) == files
+    split = [m for m in later.modules() if isinstance(m, SplitLinear)]
+    assert len(split) == (2 * later.config.text.num_hidden_layers if whole else 0)
     for model in (first, later):
         assert torch.equal(model(**inputs).logits, expected)
-        for (n, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
-            assert torch.equal(a, b), n
+        state = fused_state(model)
+        assert list(state) == list(plain.state_dict())
+        for n, a in plain.state_dict().items():
+            assert torch.equal(a, state[n]), n
     ids = later.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(ids, plain.generate(**inputs, max_new_tokens=4, do_sample=False))
 
 
+def _file_range(path: str) -> tuple[int, int]:
+    """The address range where this process maps the checkpoint's (first) safetensors file."""
+    name = os.path.realpath(sorted(glob.glob(os.path.join(path, "*.safetensors")))[0])
+    with open("/proc/self/maps") as f:
+        spans = [line.split()[0] for line in f if line.rstrip().endswith(name)]
+    assert spans, "the checkpoint is not mapped"
+    return min(int(s.split("-")[0], 16) for s in spans), max(int(s.split("-")[1], 16) for s in spans)
+
+
 def test_in_place_tensors_share_the_checkpoint_pages(home, ckpt_bf16):
-    """bf16 from a bf16 checkpoint: only the fused / converted tensors are in the cache file."""
+    """bf16 from a bf16 checkpoint: every tensor, q/k/v and gate/up parts included, is the
+    checkpoint's pages; nothing converted, no cache file."""
     model = _load(ckpt_bf16, "bfloat16", None)
-    header = weight_cache._read_header(_files(home)[0])
-    assert "model.language_model.embed_tokens.weight" in header["in_place"]
-    assert "model.language_model.layers.0.self_attn.qkv_proj.weight" in header["tensors"]
+    assert _files(home) == []
+    lo, hi = _file_range(ckpt_bf16)
+    attn = model.model.language_model.layers[0].self_attn.qkv_proj
+    assert isinstance(attn, SplitLinear) and [p.shape[0] for p in attn.parts] == [128, 64, 64]
+    assert lo <= attn.parts[1].data_ptr() < hi
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # still tied
     # copy-on-write: writing a mapped weight changes the model, never the checkpoint
     before = open(glob.glob(os.path.join(ckpt_bf16, "*.safetensors"))[0], "rb").read()
     with torch.no_grad():
         model.model.language_model.norm.weight.add_(1)
+        attn.parts[0].add_(1)
     assert open(glob.glob(os.path.join(ckpt_bf16, "*.safetensors"))[0], "rb").read() == before
+
+
+def test_converted_tensors_are_cached_and_the_rest_mapped(home, ckpt_bf16):
+    """bf16 checkpoint loaded in fp32: everything converted into the cache file, fused."""
+    _load(ckpt_bf16, "float32", None)
+    header = weight_cache._read_header(_files(home)[0])
+    assert "model.language_model.layers.0.self_attn.qkv_proj.weight" in header["tensors"]
+    model = _load(ckpt_bf16, "bfloat16", "int8")
+    (int8,) = [fn for fn in _files(home) if "-bfloat16-int8-" in fn]
+    assert "model.language_model.embed_tokens.weight" in weight_cache._read_header(int8)["in_place"]
+    assert not any(isinstance(m, SplitLinear) for m in model.modules())
 
 
 def _copy_ckpt(src: str, dst) -> str:

@@ -149,8 +149,9 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, k_c
     (layer.cpp): the kernels above in the order ``DecoderLayer.forward`` calls them, so
     bit-identical to it. Per layer, ``layout`` holds (cache layer index, number of tensors of
     q/k/v, o, gate/up, down) and ``weights`` its input norm, q_norm, k_norm and post-attention norm
-    weights, then the projections: [weight] (bf16), [qweight, scales] (int8) or [qweight, scales,
-    zeros] (int4, ``group_size``). Row b is cache slot ``slot + b`` of k_cache / v_cache (layers,
+    weights, then the projections: [weight] (bf16), [qweight, scales] (int8), [qweight, scales,
+    zeros] (int4, ``group_size``) or bf16 parts [w0, w1(, w2)] (a split projection, outputs
+    concatenated). Row b is cache slot ``slot + b`` of k_cache / v_cache (layers,
     slots, Hkv, S, D): its key and value go to index ``pos[b]`` and it attends to [0, end) where
     ``mask`` (B, 1, 1, end) bool allows (everywhere when None). No reference: the layers' own
     forward is the fallback."""

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -20,13 +21,19 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// x (1, K) times a weight in one of the formats: [weight] bf16, [qweight, scales] int8 or
-// [qweight, scales, zeros] int4 (group_size), as the layer's Linear / QuantLinear would.
+// x (B, K) times a weight in one of the formats: [weight] bf16, [qweight, scales] int8 or
+// [qweight, scales, zeros] int4 (group_size), as the layer's Linear / QuantLinear would; or a
+// split bf16 projection's parts [w0, w1, ...] (SplitLinear): each part's product, concatenated.
 Tensor linear(const Tensor& x, at::TensorList w, int64_t group_size) {
   static auto bf16 = find<Tensor(const Tensor&, const Tensor&)>("qwen3vl_kernels::bf16_gemv");
   static auto int8 = find<Tensor(const Tensor&, const Tensor&, const Tensor&)>("qwen3vl_kernels::int8_gemv");
   static auto int4 = find<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>(
       "qwen3vl_kernels::int4_gemv");
+  if (w.size() > 1 && w[0].scalar_type() == at::kBFloat16) {
+    std::vector<Tensor> parts;
+    for (const Tensor& part : w) parts.push_back(bf16.call(x, part));
+    return at::cat(parts, 1);
+  }
   switch (w.size()) {
     case 1: return bf16.call(x, w[0]);
     case 2: return int8.call(x, w[0], w[1]);

@@ -3,9 +3,12 @@
 A CPU load maps the checkpoint's safetensors files (copy-on-write, ``MAP_PRIVATE``): every tensor
 whose runtime dtype, shape and layout equal the file's (norms, embeddings, o_proj, down_proj,
 the vision tower in bf16) is used in place, so the kernel maps its page-cache pages instead of
-copying them. Everything else — the fused q/k/v and gate/up matrices, int8/int4 packs, dtype
-conversions, transposed MoE experts — is written once to a cache file of converted weights in
-the runtime layout and mapped on later starts, which then do no conversion at all.
+copying them. When that holds for every tensor once the fused q/k/v and gate/up projections are
+split back into the checkpoint's parts (``split_linear``: a bf16 release loaded in bf16, an fp32
+one in fp32), the model is used entirely where it lies: no cache file. Otherwise everything not
+in place — the fused matrices, int8/int4 packs, dtype conversions, transposed MoE experts — is
+written once to a cache file of converted weights in the runtime layout and mapped on later
+starts, which then do no conversion at all.
 
 Cache file ``$QWEN3VL_HOME/weights/<checkpoint>-<format>-<key>.qwc``:
 ``magic (16) | header length (8) | sha256 of the header (32) | header JSON | data``, data
@@ -13,11 +16,9 @@ Cache file ``$QWEN3VL_HOME/weights/<checkpoint>-<format>-<key>.qwc``:
 taken from the checkpoint, and holds int64 wrap-around sums of the data in 64 MiB chunks,
 checked on every start (~0.1 s/GB): a truncated or corrupt file is rebuilt, never used.
 
-The key hashes the format (dtype, quantization, int4 group size), the source of the modules that
-define the layout, ``config.json``, and per checkpoint file its name, size, mtime, safetensors
-header and 16 samples of 4 KiB. Trade-off: hashing every byte (seconds per GB) would defeat the
-purpose; a rewrite keeping size, mtime, header and the samples would go unnoticed. While mapped,
-the checkpoint must not be modified in place (as for any mmap-based loader).
+The key (``weight_cache_key``) hashes the format, the layout code, ``config.json`` and a sample of
+each checkpoint file. While mapped, the checkpoint must not be modified in place (as for any
+mmap-based loader).
 
 Written atomically (temp file, blocks reserved up front, rename); an OS error (read-only or
 full home) prints a warning and the load goes on without the cache. ``QWEN3VL_NO_WEIGHT_CACHE=1``
@@ -40,14 +41,13 @@ import torch
 from torch import nn
 
 from .. import env
-from ..weights import _scan, checkpoint_files, load_checkpoint, name_table
+from ..weights import _scan, checkpoint_files, load_checkpoint, name_table, validate
+from .split_linear import split, split_sources
+from .weight_cache_key import MAGIC, format_name, cache_dir, cache_key, cache_path
 
-MAGIC = b"QWEN3VL-WCACHE1\0"  # 16 bytes; a new layout changes it
 ALIGN = 64
 CHUNK = 64 * 2**20  # bytes per checksum
 _PREFIX = 16 + 8 + 32
-_LAYOUT_SOURCES = ("weights.py", "fp8.py", "quant.py", "config.py", "model/text.py", "model/vision.py",
-                   "model/qwen3vl.py", "model/weight_cache.py")
 
 
 class CacheInvalid(RuntimeError):
@@ -59,51 +59,6 @@ def enabled(flag: bool | None, device) -> bool:
     if torch.device(device).type != "cpu":
         return False
     return (not env.no_weight_cache()) if flag is None else bool(flag)
-
-
-def cache_dir() -> str:
-    return os.path.join(env.home(), "weights")
-
-
-def _fmt(dtype: torch.dtype, quantization: str | None, group_size: int) -> str:
-    name = str(dtype).replace("torch.", "")
-    return f"{name}-{quantization}" + (f"-g{group_size}" if quantization == "int4" else "") if quantization else name
-
-
-def _code_digest() -> bytes:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    h = hashlib.sha256()
-    for rel in _LAYOUT_SOURCES:
-        with open(os.path.join(root, rel), "rb") as f:
-            h.update(rel.encode() + b"\0" + f.read())
-    return h.digest()
-
-
-def _file_digest(h, fn: str) -> None:
-    st = os.stat(fn)
-    h.update(f"{os.path.basename(fn)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    with open(fn, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        h.update(head + f.read(min(n, 256 * 2**20)))
-        for i in range(16):  # sampled bytes spread over the file
-            f.seek(st.st_size * i // 16)
-            h.update(f.read(4096))
-
-
-def cache_key(path: str, files: list[str], fmt: str) -> str:
-    """Hash of everything the converted weights depend on (see the module docstring)."""
-    h = hashlib.sha256(MAGIC + fmt.encode() + _code_digest())
-    with open(os.path.join(path, "config.json"), "rb") as f:
-        h.update(f.read())
-    for fn in files:
-        _file_digest(h, fn)
-    return h.hexdigest()[:32]
-
-
-def cache_path(path: str, fmt: str, key: str) -> str:
-    where = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(path))}-{where}-{fmt}-{key}.qwc")
 
 
 # ---------------------------------------------------------------------- the model's slots
@@ -159,7 +114,13 @@ def _view(buf, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
 
 def _map(fn: str, access=mmap.ACCESS_COPY) -> mmap.mmap:
     with open(fn, "r+b" if access == mmap.ACCESS_WRITE else "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=access)
+        buf = mmap.mmap(f.fileno(), 0, access=access)
+    if env.huge_pages() and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:  # pages not yet cached are read in 2 MiB folios where the kernel can (decode: fewer TLB misses)
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return buf
 
 
 def _bind_in_place(slots, in_place: dict) -> None:
@@ -219,6 +180,22 @@ def open_cache(fn: str, key: str, model: nn.Module, found: dict) -> None:
         _bind(slot, _view(buf, offset, slot.tensor.dtype, shape))
     _bind_in_place(slots, in_place)
     model.tie_weights()
+
+
+def _map_whole(model: nn.Module, found: dict) -> bool:
+    """Bind every tensor of ``model`` (meta) in place, the fused projections split into their
+    checkpoint parts, when that covers the whole model; False (model untouched) when it does not."""
+    slots = _slots(model)
+    in_place = _in_place(slots, model.config, found)
+    rest = [name for name in slots if name not in in_place]
+    sources = split_sources(model, found, rest)
+    if sources is None or any(not slots[name].is_param for name in rest):
+        return False
+    validate(model, found)  # no load_checkpoint to check the names: unexpected tensors fail here
+    in_place.update(split(model, sources))
+    _bind_in_place(_slots(model), in_place)
+    model.tie_weights()
+    return True
 
 
 # ---------------------------------------------------------------------- writing
@@ -373,8 +350,12 @@ def load(make_model, path: str, dtype: torch.dtype, quantization: str | None, gr
     tied quantized lm_head). None when no cache file could be written (load without it)."""
     files = checkpoint_files(path)
     found = _scan(files)
-    key = cache_key(path, files, _fmt(dtype, quantization, group_size))
-    fn = cache_path(path, _fmt(dtype, quantization, group_size), key)
+    if not quantization:
+        model = make_model()
+        if _map_whole(model, found):
+            return model
+    key = cache_key(path, files, format_name(dtype, quantization, group_size))
+    fn = cache_path(path, format_name(dtype, quantization, group_size), key)
     if os.path.exists(fn):
         model = make_model()
         try:
@@ -389,7 +370,7 @@ def load(make_model, path: str, dtype: torch.dtype, quantization: str | None, gr
     model = make_model()
     open_cache(fn, key, model, found)
     size = os.path.getsize(fn)
-    _warn(f"converted {os.path.basename(os.path.normpath(path))} to {_fmt(dtype, quantization, group_size)} "
+    _warn(f"converted {os.path.basename(os.path.normpath(path))} to {format_name(dtype, quantization, group_size)} "
           f"in {time.perf_counter() - t0:.1f} s (one time: {size / 2**30:.2f} GiB in {cache_dir()}; "
           "later starts map it)")
     _prune(fn)

@@ -7,7 +7,8 @@ import glob
 import os
 import sys
 
-from .weight_cache import _remove, cache_dir
+from .weight_cache import _remove
+from .weight_cache_key import cache_dir
 
 
 def clear() -> tuple[int, int]:
