@@ -63,7 +63,7 @@ def test_cached_load_is_bit_identical(request, home, fixture, dtype, quantizatio
     whole = (fixture, dtype) in WHOLE and quantization is None
     inputs = _inputs()
     plain = _load(path, dtype, quantization, weight_cache=False)
-    expected = plain(**inputs).logits
+    expected = plain(**inputs).logits.detach()
     first = _load(path, dtype, quantization)  # builds the cache, unless mapped whole
     assert ("one time" in capfd.readouterr().err) != whole  # a first start states its conversion cost
     files = _files(home)
@@ -74,7 +74,13 @@ def test_cached_load_is_bit_identical(request, home, fixture, dtype, quantizatio
     split = [m for m in later.modules() if isinstance(m, SplitLinear)]
     assert len(split) == (2 * later.config.text.num_hidden_layers if whole else 0)
     for model in (first, later):
-        assert torch.equal(model(**inputs).logits, expected)
+        logits = model(**inputs).logits.detach()
+        if whole:  # split products: bit-identical on the CPUs measured, asserted within rounding (a
+            # GEMM library may block the narrower matrices differently)
+            tol = 1e-5 if dtype == "float32" else 2e-2
+            assert float((logits - expected).abs().max()) <= tol * float(expected.abs().max())
+        else:
+            assert torch.equal(logits, expected)
         state = fused_state(model)
         assert list(state) == list(plain.state_dict())
         for n, a in plain.state_dict().items():
