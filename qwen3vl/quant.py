@@ -85,12 +85,12 @@ class _Quantized(nn.Module):
     def load_weight(self, rows: tuple[int, int] | None, w: torch.Tensor, expert: int | None = None) -> None:
         """Quantize ``w`` (lead + (r, K), any strides) into rows ``rows`` (all rows when None), a
         slice of rows at a time so the fp32 temporaries stay small (the 2B lm_head in fp32 alone
-        would be 1.2 GB) and fast. ``expert``: ``w`` is (r, K) rows of that expert alone (FP8
+        would be 1.2 GB). ``expert``: ``w`` is (r, K) rows of that expert alone (FP8
         releases store one tensor per expert, dequantized here a row tile at a time)."""
         a, b = rows or (0, self.out_features)
-        step = max(1, 2**16 // self.in_features)  # fp32 temporaries of 256 KB: cache-resident, no page faults
-        if self.lead:
-            step *= 4  # experts are small matrices: fewer, larger slices load faster
+        # fp32 temporaries of 4 MB: kept in the heap (``allocator.keep_heap``), so no page faults;
+        # a (12288, 2048) matrix quantized in 14 (int8) / 54 (int4) ms, 32 / 108 ms with 256 KB slices
+        step = max(1, 2**20 // self.in_features)
         for idx in self._matrices() if expert is None else [(expert,)]:
             m = _contiguous(w[idx] if expert is None else w)  # one (transposed) expert matrix at most: a few MB
             for i in range(0, b - a, step):

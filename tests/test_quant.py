@@ -19,6 +19,7 @@ BOUNDS = {"int8": 3e-2, "int4": 8e-2}
 
 
 def rel(a, b):
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max())
 
 
