@@ -192,10 +192,9 @@ class Qwen3VLModel(nn.Module):
                         weight_cache: bool | None = None, rope_scaling: dict | str | None = None) -> "Qwen3VLModel":
         """Load a checkpoint folder (or hub id). ``quantization``: None, "int8" or "int4"
         (weight-only, done while loading; see ``qwen3vl.quant``). On the CPU the weights are
-        memory-mapped: in place from the checkpoint where its layout is the runtime one (all of it
-        when ``dtype`` is the checkpoint's and there is no quantization: q/k/v and gate/up then
-        stay split, ``model.split_linear``), the rest converted once into ``$QWEN3VL_HOME/weights``
-        (``qwen3vl.model.weight_cache``);
+        memory-mapped: in place where the checkpoint's layout is the runtime one (all of it when
+        ``dtype`` is the checkpoint's, unquantized: q/k/v and gate/up split, ``split_linear``), the
+        rest converted once into ``$QWEN3VL_HOME/weights`` (``qwen3vl.model.weight_cache``);
         ``weight_cache=False`` (or ``QWEN3VL_NO_WEIGHT_CACHE=1``) copies them into memory instead."""
         quant.check_device(quantization, device)  # "fp8" (keep an FP8 checkpoint's weights): CUDA only
         path = resolve_model_path(os.fspath(path))
@@ -214,6 +213,8 @@ class Qwen3VLModel(nn.Module):
             if quantization in quant.QUANT_MODES and config.tie_word_embeddings:  # the quantized lm_head gets its own copy of the table
                 model.lm_head.load_weight(None, model.model.language_model.embed_tokens.weight)
 
+        if torch.device(device).type == "cpu":
+            keep_heap()  # before loading: its slice-sized temporaries are then reused, not re-faulted
         model = None
         if weight_cache_enabled(weight_cache, device):
             model = load_mapped(make_model, path, dtype, quantization, group_size, progress, after_load)
