@@ -101,8 +101,12 @@ def _file_range(path: str) -> tuple[int, int]:
 def test_in_place_tensors_share_the_checkpoint_pages(home, ckpt_bf16):
     """bf16 from a bf16 checkpoint: every tensor, q/k/v and gate/up parts included, is the
     checkpoint's pages; nothing converted, no cache file."""
+    _load(ckpt_bf16, "bfloat16", "int8")
+    (int8,) = _files(home)
+    stale = weight_cache.cache_path(ckpt_bf16, "bfloat16", "0" * 32)  # as if an older version's fused file
+    shutil.copy(int8, stale)  # a valid file of this checkpoint: pruned for its name (format) alone
     model = _load(ckpt_bf16, "bfloat16", None)
-    assert _files(home) == []
+    assert _files(home) == [int8]  # nothing written, the stale bf16 file pruned
     lo, hi = _file_range(ckpt_bf16)
     attn = model.model.language_model.layers[0].self_attn.qkv_proj
     assert isinstance(attn, SplitLinear) and [p.shape[0] for p in attn.parts] == [128, 64, 64]

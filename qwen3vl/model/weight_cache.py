@@ -312,7 +312,7 @@ def build_cache(fn: str, key: str, model: nn.Module, path: str, found: dict, pro
 def _prune(keep: str) -> None:
     """Remove older caches of the same checkpoint and format, caches of checkpoints that no longer
     exist, and temp files of dead writers."""
-    stem = os.path.basename(keep).rsplit("-", 1)[0] + "-"
+    stem = os.path.basename(keep).rsplit("-", 1)[0]  # <checkpoint>-<where>-<format>: equal, not a prefix
     for fn in glob.glob(os.path.join(cache_dir(), "*.qwc")):
         if fn == keep:
             continue
@@ -320,7 +320,7 @@ def _prune(keep: str) -> None:
             gone = not os.path.isdir(_read_header(fn).get("source", ""))
         except (OSError, CacheInvalid, ValueError, KeyError):
             gone = True
-        if gone or os.path.basename(fn).startswith(stem):
+        if gone or os.path.basename(fn).rsplit("-", 1)[0] == stem:
             _remove(fn)
     for fn in glob.glob(os.path.join(cache_dir(), "*.qwc.tmp*")):
         try:
@@ -353,6 +353,7 @@ def load(make_model, path: str, dtype: torch.dtype, quantization: str | None, gr
     if not quantization:
         model = make_model()
         if _map_whole(model, found):
+            _prune(cache_path(path, format_name(dtype, None, group_size), ""))  # e.g. an older version's fused file
             return model
     key = cache_key(path, files, format_name(dtype, quantization, group_size))
     fn = cache_path(path, format_name(dtype, quantization, group_size), key)
