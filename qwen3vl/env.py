@@ -5,7 +5,8 @@ first use (or monkeypatches it) is honoured.
 
     QWEN3VL_HOME          cache folder: demo checkpoint, compiled kernels, converted weights (default ~/.cache/qwen3vl)
     QWEN3VL_NO_EXT=1      never build or load the compiled CPU kernels (stock PyTorch ops instead)
-    QWEN3VL_HUGE_PAGES=0  do not madvise transparent huge pages under CPU weights
+    QWEN3VL_HUGE_PAGES=0  do not madvise transparent huge pages under CPU weights, nor move mapped
+                          weights into them while the server idles (``qwen3vl.model.promote``)
     QWEN3VL_KEEP_HEAP=0   leave glibc's heap trimming as it is (see ``qwen3vl.allocator``)
     QWEN3VL_NO_WEIGHT_CACHE=1  load without mapped weights or the converted-weight cache
                           (``qwen3vl.model.weight_cache``)

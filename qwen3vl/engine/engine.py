@@ -14,7 +14,9 @@ The narrow API that ``LLM`` and the HTTP server use: ``new_request`` (raises ``P
 ``submit`` (with an optional listener that receives every ``Delta``), ``cancel``, ``stats``,
 ``max_model_len`` / ``max_num_seqs``, and the loops ``step`` / ``run_until_done`` (synchronous,
 ``LLM``) and ``run_forever`` (the server's stepping thread). ``submit``, ``cancel`` and ``stats``
-are safe to call from other threads while ``run_forever`` steps.
+are safe to call from other threads while ``run_forever`` steps; with nothing to step, it moves the
+model's memory-mapped weights into huge-page memory a piece at a time (``model.mapped``, see
+``qwen3vl.model.promote``).
 
 Prefix caching (on by default; prefill groups bypass it): a request reuses the longest run of
 cached KV blocks its prompt starts with (``prefix_cache``) and prefills only the rest, at the
@@ -369,10 +371,16 @@ class Engine:
     def run_forever(self) -> None:
         """Step whenever there is work, on the calling thread, until the process ends. (Stepping
         on the thread that loaded the model is measurably faster than on another one.)"""
+        mapped = getattr(self.model, "mapped", None)  # weight_cache.load's Promoter: idle time moves weights
         while True:
             with self._lock:
-                while not self.scheduler.has_work():
+                idle = not self.scheduler.has_work()
+                while idle and not (mapped is not None and mapped.pending()):
                     self._lock.wait()
+                    idle = not self.scheduler.has_work()
+            if idle:  # into huge-page memory (model/promote.py), one piece between checks for work
+                mapped.idle_step()
+                continue
             try:
                 self.step()
             except Exception as e:  # a failing request must not kill the engine

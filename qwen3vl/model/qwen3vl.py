@@ -116,7 +116,8 @@ class Prompt:
 
 class Qwen3VLModel(nn.Module):
     """The network (vision encoder, text decoder, lm_head) and its loaders. Generation lives a
-    layer up (``qwen3vl.engine.hf.Qwen3VL`` adds ``generate``)."""
+    layer up (``qwen3vl.engine.hf.Qwen3VL`` adds ``generate``). ``mapped``: see ``promote``."""
+    mapped = None  # a mapped load's model.promote.Promoter
 
     def __init__(self, config: Qwen3VLConfig):
         super().__init__()
@@ -215,9 +216,8 @@ class Qwen3VLModel(nn.Module):
 
         if torch.device(device).type == "cpu":
             keep_heap()  # before loading: its slice-sized temporaries are then reused, not re-faulted
-        model = None
-        if weight_cache_enabled(weight_cache, device):
-            model = load_mapped(make_model, path, dtype, quantization, group_size, progress, after_load)
+        mapped = weight_cache_enabled(weight_cache, device)
+        model = load_mapped(make_model, path, dtype, quantization, group_size, progress, after_load) if mapped else None
         if model is None:
             model = make_model().materialize(device)
             load_checkpoint(model, path, progress=progress)

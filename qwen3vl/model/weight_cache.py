@@ -42,6 +42,7 @@ from torch import nn
 
 from .. import env
 from ..weights import _scan, checkpoint_files, load_checkpoint, name_table, validate
+from .promote import Promoter, address
 from .split_linear import split, split_sources
 from .weight_cache_key import MAGIC, format_name, cache_dir, cache_key, cache_path
 
@@ -123,12 +124,21 @@ def _map(fn: str, access=mmap.ACCESS_COPY) -> mmap.mmap:
     return buf
 
 
-def _bind_in_place(slots, in_place: dict) -> None:
+def _bind_in_place(slots, in_place: dict) -> list[mmap.mmap]:
     maps: dict[str, mmap.mmap] = {}
     for name, entry in in_place.items():
         if entry.file not in maps:
             maps[entry.file] = _map(entry.file)  # copy-on-write: a write never reaches the file
         _bind(slots[name], _view(maps[entry.file], entry.offset, entry.dtype, entry.shape))
+    return list(maps.values())
+
+
+def _attach_promoter(model: nn.Module, maps: list[mmap.mmap]) -> nn.Module:
+    """``model.mapped``: moves the mapped weights into huge-page memory while the serving engine
+    idles (None with ``QWEN3VL_HUGE_PAGES=0``: they then stay mapped)."""
+    tensors = [getattr(slot.module, slot.attr) for slot in _slots(model).values()]
+    model.mapped = Promoter(tensors, [(address(b), address(b) + len(b)) for b in maps]) if env.huge_pages() else None
+    return model
 
 
 def _checksums(buf, start: int, end: int) -> list[int]:
@@ -159,9 +169,9 @@ def _read_header(fn: str) -> dict:
     return header
 
 
-def open_cache(fn: str, key: str, model: nn.Module, found: dict) -> None:
-    """Bind ``model``'s (meta) tensors to the cache file ``fn`` and the checkpoint; raises
-    CacheInvalid (model left unusable) when the file does not check out."""
+def open_cache(fn: str, key: str, model: nn.Module, found: dict) -> list[mmap.mmap]:
+    """Bind ``model``'s (meta) tensors to the cache file ``fn`` and the checkpoint -> the file
+    mappings; raises CacheInvalid (model left unusable) when the file does not check out."""
     header = _read_header(fn)
     if header["key"] != key:
         raise CacheInvalid("written for another checkpoint or format")
@@ -178,24 +188,26 @@ def open_cache(fn: str, key: str, model: nn.Module, found: dict) -> None:
         if dtype != str(slot.tensor.dtype) or tuple(shape) != tuple(slot.tensor.shape):
             raise CacheInvalid(f"{name}: {dtype} {shape} does not match the model")
         _bind(slot, _view(buf, offset, slot.tensor.dtype, shape))
-    _bind_in_place(slots, in_place)
+    maps = [buf] + _bind_in_place(slots, in_place)
     model.tie_weights()
+    return maps
 
 
-def _map_whole(model: nn.Module, found: dict) -> bool:
+def _map_whole(model: nn.Module, found: dict) -> list[mmap.mmap] | None:
     """Bind every tensor of ``model`` (meta) in place, the fused projections split into their
-    checkpoint parts, when that covers the whole model; False (model untouched) when it does not."""
+    checkpoint parts, when that covers the whole model -> the file mappings; None (model
+    untouched) when it does not."""
     slots = _slots(model)
     in_place = _in_place(slots, model.config, found)
     rest = [name for name in slots if name not in in_place]
     sources = split_sources(model, found, rest)
     if sources is None or any(not slots[name].is_param for name in rest):
-        return False
+        return None
     validate(model, found)  # no load_checkpoint to check the names: unexpected tensors fail here
     in_place.update(split(model, sources))
-    _bind_in_place(_slots(model), in_place)
+    maps = _bind_in_place(_slots(model), in_place)
     model.tie_weights()
-    return True
+    return maps
 
 
 # ---------------------------------------------------------------------- writing
@@ -352,16 +364,16 @@ def load(make_model, path: str, dtype: torch.dtype, quantization: str | None, gr
     found = _scan(files)
     if not quantization:
         model = make_model()
-        if _map_whole(model, found):
+        maps = _map_whole(model, found)
+        if maps is not None:
             _prune(cache_path(path, format_name(dtype, None, group_size), ""))  # e.g. an older version's fused file
-            return model
+            return _attach_promoter(model, maps)
     key = cache_key(path, files, format_name(dtype, quantization, group_size))
     fn = cache_path(path, format_name(dtype, quantization, group_size), key)
     if os.path.exists(fn):
         model = make_model()
         try:
-            open_cache(fn, key, model, found)
-            return model
+            return _attach_promoter(model, open_cache(fn, key, model, found))
         except (CacheInvalid, OSError, ValueError, KeyError, TypeError) as e:
             _warn(f"{fn} unusable ({e}); rebuilding it")
     t0 = time.perf_counter()
@@ -369,10 +381,10 @@ def load(make_model, path: str, dtype: torch.dtype, quantization: str | None, gr
         return None
     gc.collect()
     model = make_model()
-    open_cache(fn, key, model, found)
+    maps = open_cache(fn, key, model, found)
     size = os.path.getsize(fn)
     _warn(f"converted {os.path.basename(os.path.normpath(path))} to {format_name(dtype, quantization, group_size)} "
           f"in {time.perf_counter() - t0:.1f} s (one time: {size / 2**30:.2f} GiB in {cache_dir()}; "
           "later starts map it)")
     _prune(fn)
-    return model
+    return _attach_promoter(model, maps)
